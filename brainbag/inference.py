@@ -1,0 +1,262 @@
+"""Inference: local prediction maps over a whole volume or stitched from sliding windows.
+
+Both modes return raw head outputs on one map grid: map voxel ``i`` (per axis) is centred on
+conformed voxel ``stride * i + offset`` (``offset`` = 0 for "same" padding, ``(RF - 1) / 2`` for
+"valid"). The global prediction is, in both modes, the mean of this map over all its voxels:
+
+* ``full``: one forward pass over the whole volume. The map mean is exactly the network's global
+  average-then-linear output.
+* ``sliding``: windows of the training crop size (160x160x128 voxels in x, y, z by default)
+  whose starts lie on the stride-8 grid, so every window's map voxels coincide with voxels of the
+  one map grid and are stitched without interpolation. Where windows overlap, a map voxel is the
+  plain mean of the windows that produced it. ``overlap`` is the fraction of a window's map
+  voxels shared with the next window (for "same" padding this equals the fraction of its input
+  voxels, to within the stride). The last window is placed so that it produces the last map
+  voxel, which puts it flush with the border to within the stride (it may overhang by at most 7
+  voxels). Voxels past the border, and whole windows on axes shorter than a window, are filled
+  with the background value. Windows are batched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from brainbag.errors import ProcessingError, UsageError
+
+Mode = Literal["sliding", "full"]
+Precision = Literal["fp32", "bf16"]
+DEFAULT_WINDOW = (160, 160, 128)
+
+
+class MapModel(Protocol):
+    """What inference needs from a network: its map geometry and a map-valued forward."""
+
+    stride: int
+
+    @property
+    def map_offset(self) -> float: ...
+
+    @property
+    def min_input(self) -> int: ...
+
+    def map_size(self, n: int) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    mode: Mode = "sliding"
+    window: tuple[int, int, int] = DEFAULT_WINDOW
+    overlap: float = 0.25
+    batch_size: int = 1
+    device: str = "auto"
+    precision: Precision = "fp32"
+
+    def validate(self, stride: int = 8) -> None:
+        if self.mode not in ("sliding", "full"):
+            raise UsageError(f"--mode must be 'sliding' or 'full', got {self.mode!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise UsageError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if len(self.window) != 3 or any(w <= 0 or w % stride for w in self.window):
+            raise UsageError(
+                f"--window must be three positive multiples of the map stride {stride}, "
+                f"got {list(self.window)}"
+            )
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class MapResult:
+    """Raw head outputs on the map grid, plus how they were made."""
+
+    maps: np.ndarray  # (n_outputs, M0, M1, M2), float32 (float64 for a float64 model)
+    stride: int
+    offset: float
+    windows: list[tuple[int, int, int]]
+    device: str
+    precision: str
+
+    def global_outputs(self) -> np.ndarray:
+        """Mean of each output over all map voxels (float64 accumulation)."""
+        return self.maps.reshape(self.maps.shape[0], -1).astype(np.float64).mean(axis=1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; "
+                         "use --device cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str | None]:
+    """Effective precision and a warning when bf16 had to fall back to fp32."""
+    if precision == "bf16" and not bf16_supported(device):
+        return "fp32", f"bf16 is not supported on this {device.type}; running in fp32"
+    return precision, None
+
+
+def window_starts(n: int, window: int, model: MapModel, overlap: float) -> tuple[list[int], int]:
+    """Window starts along one axis (voxels, multiples of the stride) and end padding needed."""
+    if n <= window:
+        return [0], window - n
+    stride = model.stride
+    total = model.map_size(n)
+    per_window = model.map_size(window)
+    last = max(0, total - per_window)
+    step = max(1, int(per_window * (1.0 - overlap)))
+    ks = list(range(0, last, step)) + [last]
+    starts = [k * stride for k in ks]
+    return starts, max(0, starts[-1] + window - n)
+
+
+def _check_size(shape: tuple[int, ...], model: MapModel) -> None:
+    sizes = [model.map_size(n) for n in shape]
+    if min(shape) < model.min_input or min(sizes) < 1 or math.prod(sizes) < 2:
+        raise ProcessingError(
+            f"volume {tuple(shape)} is too small for this network: every axis needs at least "
+            f"{model.min_input} voxels and the map at least 2 voxels"
+        )
+
+
+def _model_dtype(model: MapModel) -> torch.dtype:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.dtype
+    return torch.float32
+
+
+def _forward(
+    model: MapModel, batch: torch.Tensor, device: torch.device, precision: str
+) -> torch.Tensor:
+    batch = batch.to(device=device, dtype=_model_dtype(model))
+    if precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out = model(batch)
+    else:
+        out = model(batch)
+    return out if out.dtype == torch.float64 else out.float()
+
+
+def predict_maps(
+    model: MapModel, volume: np.ndarray, background: float, settings: InferenceSettings
+) -> MapResult:
+    """Run ``model`` over ``volume`` (a conformed, whitened 3D array) and return the map."""
+    settings.validate(model.stride)
+    device = resolve_device(settings.device)
+    precision, _ = resolve_precision(settings.precision, device)
+    shape = tuple(int(n) for n in volume.shape)
+    _check_size(shape, model)
+    target = tuple(model.map_size(n) for n in shape)
+    module = model if isinstance(model, torch.nn.Module) else None
+    if module is not None:
+        module.to(device).eval()
+
+    with torch.inference_mode():
+        if settings.mode == "full":
+            x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+            out = _forward(model, x.to(device), device, precision)[0]
+            maps = out.cpu().numpy()
+            windows = [(0, 0, 0)]
+        else:
+            maps, windows = _sliding(model, volume, background, settings, device, precision)
+    if tuple(maps.shape[1:]) != target:
+        raise ProcessingError(f"internal: map shape {maps.shape[1:]} differs from {target}")
+    if not np.all(np.isfinite(maps)):
+        raise ProcessingError(
+            "the network produced non-finite values (NaN or Inf); the input may be extreme or "
+            "the weights corrupt: check the scan with `brainbag check` and retry with fp32"
+        )
+    return MapResult(
+        maps=maps,
+        stride=model.stride,
+        offset=model.map_offset,
+        windows=windows,
+        device=str(device),
+        precision=precision,
+    )
+
+
+def _sliding(
+    model: MapModel,
+    volume: np.ndarray,
+    background: float,
+    settings: InferenceSettings,
+    device: torch.device,
+    precision: str,
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    shape = volume.shape
+    per_axis = [
+        window_starts(n, w, model, settings.overlap)
+        for n, w in zip(shape, settings.window, strict=True)
+    ]
+    pads = [p for _, p in per_axis]
+    padded = np.full(
+        [n + p for n, p in zip(shape, pads, strict=True)], background, dtype=np.float32
+    )
+    padded[: shape[0], : shape[1], : shape[2]] = volume
+    vol = torch.from_numpy(padded)
+    # windows no larger than the (padded) volume on axes shorter than a window
+    win = [min(w, n) for w, n in zip(settings.window, padded.shape, strict=True)]
+    per_window = [model.map_size(w) for w in win]
+    if min(win) < model.min_input or math.prod(per_window) < 2:
+        raise UsageError(f"--window {list(settings.window)} is too small for this network")
+    full = [model.map_size(n) for n in padded.shape]
+    acc: torch.Tensor | None = None
+    count = torch.zeros(full, dtype=torch.int32)
+    starts = list(itertools.product(*[s for s, _ in per_axis]))
+    for b in range(0, len(starts), settings.batch_size):
+        group = starts[b : b + settings.batch_size]
+        batch = torch.stack(
+            [vol[s0 : s0 + win[0], s1 : s1 + win[1], s2 : s2 + win[2]] for s0, s1, s2 in group]
+        )[:, None]
+        out = _forward(model, batch.to(device), device, precision).cpu()
+        if acc is None:
+            acc = torch.zeros((out.shape[1], *full), dtype=out.dtype)
+        for (s0, s1, s2), o in zip(group, out, strict=True):
+            k = (s0 // model.stride, s1 // model.stride, s2 // model.stride)
+            region = (
+                slice(k[0], k[0] + per_window[0]),
+                slice(k[1], k[1] + per_window[1]),
+                slice(k[2], k[2] + per_window[2]),
+            )
+            acc[(slice(None), *region)] += o
+            count[region] += 1
+    assert acc is not None
+    target = [model.map_size(n) for n in shape]
+    count = count[: target[0], : target[1], : target[2]]
+    if bool((count == 0).any()):
+        raise ProcessingError("internal: sliding windows left map voxels uncovered")
+    maps = acc[:, : target[0], : target[1], : target[2]] / count.to(acc.dtype)
+    return maps.numpy(), [tuple(int(v) for v in s) for s in starts]  # type: ignore[misc]
+
+
+def estimate_windows(shape: tuple[int, int, int], model: MapModel, settings: InferenceSettings
+                     ) -> int:
+    """Number of windows sliding mode will run over ``shape``."""
+    return math.prod(
+        len(window_starts(n, w, model, settings.overlap)[0])
+        for n, w in zip(shape, settings.window, strict=True)
+    )

@@ -1,0 +1,313 @@
+"""Image I/O and the one home of brainbag's geometry.
+
+Conventions, stated once:
+
+* World coordinates are the file's own NIfTI world (RAS+ millimetres; scanner or aligned space).
+  MGZ files are read through nibabel, which reports them in the same RAS+ world.
+* Arrays are indexed ``(i, j, k)`` as nibabel returns them, never SimpleITK's ``(z, y, x)``.
+* Internally every volume is reoriented, by exact axis permutation and flipping only (no
+  interpolation), so that ``i, j, k`` run closest to Right, Anterior, Superior. Oblique affines
+  stay oblique; only the axis order and signs change.
+* An *index transform* ``T`` is a 4x4 matrix mapping indices of a derived array to indices of its
+  parent array. The derived array's affine is always ``A_parent @ T``; a chain of derivations is a
+  product of index transforms. Every affine brainbag writes is built this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+
+from brainbag.errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz")
+AXIS_CODES = ("R", "A", "S")
+
+
+def strip_image_suffix(name: str) -> str:
+    """Return ``name`` without a trailing ``.nii``, ``.nii.gz`` or ``.mgz``."""
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def subject_name(path: Path) -> str:
+    """Subject label of an input file: the name without image suffix and trailing ``_T1w``."""
+    stem = strip_image_suffix(Path(path).name)
+    if stem.endswith("_T1w") and len(stem) > 4:
+        stem = stem[: -len("_T1w")]
+    return stem
+
+
+def is_image_path(path: Path) -> bool:
+    return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Image:
+    """A 3D float32 array with its voxel-to-world affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return voxel_sizes(self.affine)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as found in its file, before any reorientation or resampling."""
+
+    path: Path
+    image: Image
+    dtype: str
+    sha256: str
+    xform_code: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image.shape
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return self.image.zooms
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel edge lengths in mm: the norms of the affine's first three columns."""
+    norms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def format_mm(zooms: tuple[float, ...]) -> str:
+    return "x".join(f"{z:.3g}" for z in zooms) + " mm"
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    return "".join(nib.aff2axcodes(affine))
+
+
+def _read_header(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not an image file (.nii, .nii.gz, .mgz)")
+    try:
+        return nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as exc:
+        raise InputError(
+            f"{what} {path} is not a NIfTI or MGZ image ({exc}); "
+            "brainbag reads .nii, .nii.gz and .mgz files"
+        ) from exc
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(
+            f"{what} {path} could not be read ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt: copy or export it again"
+        ) from exc
+
+
+def load_image(path: Path, what: str = "input") -> LoadedImage:
+    """Read a NIfTI or MGZ file into float32 ``(i, j, k)`` data and its affine.
+
+    Accepts 3D images and 4D images holding a single volume. Raises :class:`InputError` with a
+    one-line message for anything else.
+    """
+    path = Path(path)
+    img = _read_header(path, what)
+    shape = tuple(int(n) for n in img.shape)
+    proxy: Any
+    if len(shape) == 4 and shape[3] == 1:
+        proxy = img.dataobj[..., 0]
+    elif len(shape) == 3:
+        proxy = img.dataobj
+    elif len(shape) == 4:
+        raise InputError(
+            f"{what} {path} is 4D with {shape[3]} volumes; brainbag needs one 3D T1 volume: "
+            "extract it first (e.g. fslroi in out 0 1)"
+        )
+    else:
+        raise InputError(
+            f"{what} {path} has {len(shape)} dimensions {shape}; brainbag needs a 3D T1 volume"
+        )
+    if min(shape[:3]) < 2:
+        raise InputError(
+            f"{what} {path} has shape {shape[:3]}: a single slice, not a 3D volume"
+        )
+    try:
+        data = np.asarray(proxy, dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(
+            f"{what} {path}: image data could not be read ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt: copy or export it again"
+        ) from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(affine, path, what)
+    header = img.header
+    xform_code = 1
+    if isinstance(img, nib.Nifti1Image):  # includes NIfTI-2
+        sform_code = int(header["sform_code"])
+        qform_code = int(header["qform_code"])
+        xform_code = sform_code or qform_code or 1
+    return LoadedImage(
+        path=path,
+        image=Image(np.ascontiguousarray(data), affine),
+        dtype=str(header.get_data_dtype()),
+        sha256=sha256_file(path),
+        xform_code=xform_code,
+    )
+
+
+def check_affine(affine: np.ndarray, path: Path, what: str = "input") -> None:
+    """Refuse affines that cannot place voxels in the world."""
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{what} {path} has a non-finite affine; fix its header (sform/qform)")
+    zooms = voxel_sizes(affine)
+    if min(zooms) <= 0 or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(
+            f"{what} {path} has a degenerate affine (voxel sizes {format_mm(zooms)}); "
+            "fix its header (sform/qform)"
+        )
+
+
+def same_grid(
+    shape_a: tuple[int, ...], affine_a: np.ndarray, shape_b: tuple[int, ...], affine_b: np.ndarray,
+    atol_mm: float = 1e-3,
+) -> bool:
+    """True when two images share the voxel grid: same shape and the same world position for
+    every voxel (to ``atol_mm``)."""
+    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
+        return False
+    diff = np.abs(np.asarray(affine_a) - np.asarray(affine_b))[:3]
+    # a column error grows with the index it multiplies: bound the worst corner
+    extent = np.array([*shape_a[:3], 1.0])
+    return bool((diff @ extent).max() <= atol_mm)
+
+
+# --- index transforms -------------------------------------------------------------------------
+
+
+def ras_transform(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Orientation and index transform that reorient an array to closest RAS+.
+
+    Returns ``(ornt, T)`` where ``ornt`` is nibabel's orientation array (to apply to the data) and
+    ``T`` maps reoriented indices to the original indices.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.inv_ornt_aff(ornt, shape)
+    return ornt, np.asarray(transform, dtype=np.float64)
+
+
+def reorient(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+
+
+def to_ras(image: Image) -> tuple[Image, np.ndarray]:
+    """Reorient an image to closest RAS+ by axis permutation and flips; exact, no resampling.
+
+    Returns the reoriented image and the index transform to the original array.
+    """
+    ornt, transform = ras_transform(image.affine, image.shape)
+    return Image(reorient(image.data, ornt), image.affine @ transform), transform
+
+
+def isotropic_grid(
+    shape: tuple[int, int, int], affine: np.ndarray, spacing: float = 1.0
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A grid of ``spacing`` mm voxels covering the same field of view, centred on it.
+
+    Returns the new shape and the index transform from the new grid to the old one. The new grid
+    keeps the old axes' directions, so the new affine is ``affine @ T`` with column norms
+    ``spacing``.
+    """
+    zooms = np.array(voxel_sizes(affine))
+    n = np.array(shape, dtype=np.float64)
+    m = np.maximum(1, np.round(n * zooms / spacing)).astype(int)
+    scale = spacing / zooms
+    offset = (n - 1) / 2 - (m - 1) / 2 * scale
+    transform = np.eye(4)
+    transform[:3, :3] = np.diag(scale)
+    transform[:3, 3] = offset
+    return (int(m[0]), int(m[1]), int(m[2])), transform
+
+
+def map_transform(stride: int, start: tuple[int, int, int], offset: float) -> np.ndarray:
+    """Index transform from a prediction map to the array the network saw.
+
+    Map voxel ``i`` along an axis is centred on input voxel ``stride * i + start + offset``:
+    ``start`` is where the processed region begins (window start or crop) and ``offset`` is 0 for
+    "same" padding and ``(RF - 1) / 2`` for "valid" padding (BAGNET3D.md).
+    """
+    transform = np.eye(4)
+    transform[:3, :3] = np.diag([float(stride)] * 3)
+    transform[:3, 3] = np.asarray(start, dtype=np.float64) + offset
+    return transform
+
+
+def resample(
+    data: np.ndarray,
+    transform: np.ndarray,
+    out_shape: tuple[int, int, int],
+    interpolation: Literal["linear", "nearest"] = "linear",
+    fill: float = 0.0,
+    extrapolate: bool = False,
+) -> np.ndarray:
+    """Resample ``data`` onto a new grid given the index transform from new to old indices.
+
+    Uses SimpleITK in index space (unit spacing, identity direction), so the result does not depend
+    on world conventions (RAS vs LPS) and oblique or flipped affines need no special case.
+    Points outside the old grid get ``fill`` unless ``extrapolate`` (nearest value).
+    """
+    import SimpleITK as sitk
+
+    src = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    ref = sitk.Image([int(s) for s in out_shape], src.GetPixelID())
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix([float(v) for v in transform[:3, :3].ravel()])
+    affine.SetTranslation([float(v) for v in transform[:3, 3]])
+    interp = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
+    out = sitk.Resample(src, ref, affine, interp, float(fill), src.GetPixelID(), extrapolate)
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def make_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    xform_code: int = 1,
+    cal_range: tuple[float, float] | None = None,
+    description: str = "",
+) -> nib.Nifti1Image:
+    """A float32 NIfTI-1 image with qform and sform both set to ``affine``."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.set_sform(affine, code=int(xform_code))
+    img.set_qform(affine, code=int(xform_code))
+    img.header.set_xyzt_units("mm")
+    if cal_range is not None:
+        img.header["cal_min"], img.header["cal_max"] = (float(cal_range[0]), float(cal_range[1]))
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    return img

@@ -1,0 +1,147 @@
+"""Writing results: maps as NIfTI, prediction.json and predictions.tsv, all atomically.
+
+Every file is written to a temporary name in its destination folder and renamed into place, so a
+crash or kill leaves either the previous file or the complete new one, never a partial file.
+
+Maps hold NaN where the map cell (the ``stride``-sized cube of conformed voxels around a map voxel)
+contains no brain-mask voxel: NaN is transparent in FSLeyes and ignored by nibabel-based tools
+that use ``np.nanmean``. The global prediction is the mean over *all* map voxels before this
+masking (that is what the network computes); ``prediction.json`` also records the mean over the
+brain cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+TSV_COLUMNS = (
+    "subject", "session", "path", "input_sha256", "status", "age", "p_female", "rf",
+    "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds",
+)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plainly created file or folder would get (temp files are 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffixes); rename it to ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    write_text_atomic(path, text + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def brain_cells(
+    mask: np.ndarray, stride: int, offset: float, map_shape: Sequence[int]
+) -> np.ndarray:
+    """Boolean map-grid array: True where the map voxel's cell holds any brain-mask voxel.
+
+    The cell of map voxel ``i`` spans conformed voxels ``[stride*i + offset - stride/2,
+    stride*i + offset + stride/2)`` along each axis.
+    """
+    lo = int(np.floor(offset - stride / 2))
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    pad_before = max(0, -lo)
+    crop_before = max(0, lo)
+    t = t[..., crop_before:, crop_before:, crop_before:]
+    need = [stride * m for m in map_shape]
+    have = [s + pad_before for s in t.shape[2:]]
+    pads: list[int] = []
+    for n_need, n_have in zip(reversed(need), reversed(have), strict=True):
+        pads += [pad_before, max(0, n_need - n_have)]
+    t = torch.nn.functional.pad(t, pads)
+    pooled = torch.nn.functional.max_pool3d(t, stride, stride)[0, 0]
+    return pooled[: map_shape[0], : map_shape[1], : map_shape[2]].numpy() > 0
+
+
+def display_range(values: np.ndarray, kind: str) -> tuple[float, float]:
+    """Default display range (cal_min, cal_max) for a map."""
+    if kind == "sex":
+        return 0.0, 1.0
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [2, 98])
+    if hi - lo < 1e-3:
+        lo, hi = lo - 1.0, hi + 1.0
+    return float(np.floor(lo)), float(np.ceil(hi))
+
+
+def tsv_row(record: dict[str, Any]) -> dict[str, str]:
+    """One predictions.tsv row from a result record (missing fields are empty)."""
+    row = {}
+    for col in TSV_COLUMNS:
+        value = record.get(col, "")
+        if value is None:
+            value = ""
+        elif isinstance(value, float):
+            value = f"{value:.4f}" if col != "seconds" else f"{value:.2f}"
+        elif isinstance(value, list | tuple):
+            value = " | ".join(str(v) for v in value)
+        row[col] = str(value).replace("\t", " ").replace("\n", " ")
+    return row
+
+
+def write_tsv_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=TSV_COLUMNS, delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(tsv_row(record))
+    write_text_atomic(path, buf.getvalue())

@@ -1,0 +1,154 @@
+"""Preprocessing: brain mask, conforming to 1 mm RAS+, and whitening within the mask.
+
+The network expects what it was trained on: a skull-stripped T1 on a 1 mm isotropic grid, every
+voxel outside the brain at raw intensity 0, then whitened with the mean and standard deviation of
+the brain voxels. Whitening is applied to the whole array (as in the seed code), so background
+voxels take the value ``-mean / std``; window padding uses that same value, which makes padding
+indistinguishable from more background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from brainbag.errors import InputError
+from brainbag.io import (
+    Image,
+    LoadedImage,
+    format_mm,
+    isotropic_grid,
+    load_image,
+    ras_transform,
+    reorient,
+    resample,
+    same_grid,
+)
+
+TARGET_SPACING_MM = 1.0
+SPACING_TOLERANCE_MM = 0.01
+
+
+@dataclass(frozen=True)
+class WhiteningStats:
+    """Statistics used to whiten one image (over brain-mask voxels)."""
+
+    mean: float
+    std: float
+    mask_voxels: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "std": self.std, "mask_voxels": self.mask_voxels}
+
+
+@dataclass(frozen=True)
+class Conformed:
+    """A whitened volume on the conformed grid, ready for the network.
+
+    ``to_input`` maps conformed indices to indices of the input file's array, so the affine of any
+    array derived from this grid is ``input_affine @ to_input @ T_derived``.
+    """
+
+    image: Image
+    mask: np.ndarray
+    to_input: np.ndarray
+    whitening: WhiteningStats
+    background: float
+    resampled: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def whiten(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, WhiteningStats]:
+    """Return ``(data - mean) / std`` with mean and std taken over ``mask`` voxels.
+
+    Pure function: ``data`` is not modified. Raises :class:`InputError` for an empty mask or a
+    brain of constant intensity.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    count = int(mask.sum())
+    if count == 0:
+        raise InputError("the brain mask is empty: no voxel to whiten")
+    values = data[mask].astype(np.float64)
+    mean = float(values.mean())
+    std = float(values.std())
+    if not np.isfinite(std) or std <= 1e-12 * max(1.0, abs(mean)):
+        raise InputError(
+            f"the brain has constant intensity ({mean:g}) over {count} voxels: "
+            "nothing to predict from; check the image and the mask"
+        )
+    out = ((data.astype(np.float64) - mean) / std).astype(np.float32)
+    return out, WhiteningStats(mean=mean, std=std, mask_voxels=count)
+
+
+def load_mask(path: Path, image: LoadedImage) -> np.ndarray:
+    """Read a brain mask that must share ``image``'s voxel grid; voxels > 0 are brain."""
+    mask = load_image(path, what="mask")
+    if not same_grid(mask.shape, mask.image.affine, image.shape, image.image.affine):
+        raise InputError(
+            f"mask {path} is on another grid than {image.path} "
+            f"(mask {mask.shape} at {format_mm(mask.zooms)}, image {image.shape} at "
+            f"{format_mm(image.zooms)}, or different affines); "
+            "resample the mask onto the image grid (nearest neighbour) first"
+        )
+    return mask.image.data > 0
+
+
+def needs_resampling(zooms: tuple[float, float, float]) -> bool:
+    return any(abs(z - TARGET_SPACING_MM) > SPACING_TOLERANCE_MM for z in zooms)
+
+
+def conform(
+    loaded: LoadedImage, mask: np.ndarray | None = None, allow_resample: bool = True
+) -> Conformed:
+    """Mask, reorient to RAS+, resample to 1 mm when needed, and whiten.
+
+    Without ``mask``, brain = voxels > 0 (the input is assumed skull-stripped).
+    """
+    warnings: list[str] = []
+    data = loaded.image.data
+    brain = (data > 0) if mask is None else np.asarray(mask, dtype=bool)
+    if not brain.any():
+        what = "the mask" if mask is not None else "no voxel is > 0 (brain = voxels > 0)"
+        raise InputError(f"{loaded.path}: the brain mask is empty ({what}); pass --mask")
+    data = np.where(brain, data, np.float32(0.0)).astype(np.float32)
+
+    ornt, to_input = ras_transform(loaded.image.affine, loaded.shape)
+    data = reorient(data, ornt)
+    brain = reorient(brain, ornt)
+    affine = loaded.image.affine @ to_input
+
+    resampled = False
+    zooms = loaded.zooms
+    if needs_resampling(zooms):
+        if not allow_resample:
+            raise InputError(
+                f"{loaded.path} has {format_mm(zooms)} voxels; the model expects 1 mm isotropic: "
+                "drop --no-resample to let brainbag resample it, or resample it yourself"
+            )
+        shape, to_ras_grid = isotropic_grid(data.shape, affine, TARGET_SPACING_MM)
+        data = resample(data, to_ras_grid, shape, "linear", fill=0.0, extrapolate=True)
+        brain = resample(brain.astype(np.uint8), to_ras_grid, shape, "nearest") > 0
+        data = np.where(brain, data, np.float32(0.0)).astype(np.float32)
+        to_input = to_input @ to_ras_grid
+        affine = loaded.image.affine @ to_input
+        resampled = True
+        warnings.append(
+            f"{loaded.path.name}: {format_mm(zooms)} voxels resampled to 1 mm isotropic "
+            f"({loaded.shape} -> {shape}, linear interpolation)"
+        )
+        if not brain.any():
+            raise InputError(f"{loaded.path}: the brain mask is empty after resampling to 1 mm")
+
+    whitened, stats = whiten(data, brain)
+    background = float((0.0 - stats.mean) / stats.std)
+    return Conformed(
+        image=Image(whitened, affine),
+        mask=brain,
+        to_input=to_input,
+        whitening=stats,
+        background=background,
+        resampled=resampled,
+        warnings=warnings,
+    )

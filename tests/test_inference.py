@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ProbeModel
+
+from brainbag.errors import UsageError
+from brainbag.inference import InferenceSettings, predict_maps, window_starts
+from brainbag.model import BagNet3D, BagNetConfig
+
+
+@pytest.mark.parametrize("padding, rf", [("same", 9), ("valid", 9), ("valid", 33)])
+@pytest.mark.parametrize("window", [40, 64, 128])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+def test_window_starts_cover_the_map_on_the_stride_grid(padding, rf, window, overlap) -> None:
+    model = ProbeModel(padding, rf)
+    for n in range(max(rf, 20), 260, 7):
+        starts, pad = window_starts(n, window, model, overlap)
+        total = model.map_size(n)
+        per = model.map_size(min(window, n + pad))
+        assert starts[0] == 0 and all(s % 8 == 0 for s in starts)
+        assert starts == sorted(set(starts))
+        covered = np.zeros(total + per, bool)
+        for s in starts:
+            covered[s // 8 : s // 8 + per] = True
+        assert covered[:total].all(), (n, window, starts)
+        if n > window:
+            assert 0 <= pad < 8, "last window is flush with the border to within the stride"
+            assert starts[-1] + window >= n
+            step = max(1, int(per * (1 - overlap))) * 8
+            assert all(b - a <= step for a, b in zip(starts, starts[1:], strict=False))
+        else:
+            assert starts == [0] and pad == window - n
+
+
+def _settings(mode: str, **kw) -> InferenceSettings:
+    return InferenceSettings(mode=mode, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_sliding_equals_full_for_a_local_model(padding: str) -> None:
+    """The probe has no border effects and no normalisation: stitching must be exact,
+    including windows that overhang the border and an axis shorter than a window."""
+    vol = np.random.default_rng(0).standard_normal((61, 50, 20)).astype(np.float32)
+    model = ProbeModel(padding, rf=9)
+    full = predict_maps(model, vol, -1.0, _settings("full"))
+    sliding = predict_maps(model, vol, -1.0, _settings("sliding", window=(24, 32, 24),
+                                                        overlap=0.5))
+    assert len(sliding.windows) > 4
+    np.testing.assert_allclose(sliding.maps, full.maps, rtol=1e-6, atol=1e-7)
+
+
+def test_sliding_equals_full_for_a_bagnet_without_instance_norm() -> None:
+    """With valid padding and no InstanceNorm every map voxel depends only on its own RF cube,
+    so a real BagNet's stitched map equals its full-volume map."""
+    torch.manual_seed(0)
+    model = BagNet3D(BagNetConfig.for_rf(9, width=4, padding="valid", norm="none")).eval()
+    vol = np.random.default_rng(1).standard_normal((60, 57, 43)).astype(np.float32)
+    full = predict_maps(model, vol, 0.0, _settings("full"))
+    sliding = predict_maps(model, vol, 0.0, _settings("sliding", window=(32, 32, 24),
+                                                       overlap=0.25, batch_size=3))
+    assert len(sliding.windows) >= 8
+    scale = np.abs(full.maps).max()
+    np.testing.assert_allclose(sliding.maps, full.maps, atol=1e-5 * scale)
+
+
+def test_one_window_covering_the_volume_equals_full_with_instance_norm() -> None:
+    torch.manual_seed(0)
+    model = BagNet3D(BagNetConfig.for_rf(17, width=4)).eval()
+    vol = np.random.default_rng(2).standard_normal((32, 40, 24)).astype(np.float32)
+    full = predict_maps(model, vol, 0.0, _settings("full"))
+    sliding = predict_maps(model, vol, 0.0, _settings("sliding", window=(32, 40, 24)))
+    np.testing.assert_allclose(sliding.maps, full.maps, atol=1e-5)
+
+
+def test_batching_windows_does_not_change_the_map() -> None:
+    """InstanceNorm is per sample, so a batch of windows equals the windows one by one (checked
+    in float64: in float32 the conv kernels chosen for different batch sizes round differently)."""
+    torch.manual_seed(0)
+    model = BagNet3D(BagNetConfig.for_rf(9, width=4)).eval().double()
+    vol = np.random.default_rng(3).standard_normal((48, 40, 40)).astype(np.float32)
+    one = predict_maps(model, vol, -0.5, _settings("sliding", window=(32, 24, 24), batch_size=1))
+    many = predict_maps(model, vol, -0.5, _settings("sliding", window=(32, 24, 24), batch_size=5))
+    assert many.maps.dtype == np.float64
+    np.testing.assert_allclose(many.maps, one.maps, atol=1e-10)
+
+
+def test_full_mode_global_is_the_network_global_and_the_map_mean() -> None:
+    torch.manual_seed(0)
+    model = BagNet3D(BagNetConfig.for_rf(33, width=4)).eval()
+    vol = np.random.default_rng(4).standard_normal((40, 44, 36)).astype(np.float32)
+    result = predict_maps(model, vol, 0.0, _settings("full"))
+    with torch.no_grad():
+        pooled = model.pooled(torch.from_numpy(vol)[None, None])[0].numpy()
+    np.testing.assert_allclose(result.global_outputs(), pooled, atol=1e-5)
+    np.testing.assert_allclose(result.global_outputs(), result.maps.mean(axis=(1, 2, 3)),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"overlap": 1.0}, "overlap"), ({"window": (30, 32, 32)}, "multiples"),
+     ({"batch_size": 0}, "batch-size"), ({"mode": "tiles"}, "mode")],
+)
+def test_bad_settings_are_usage_errors(kw, message) -> None:
+    with pytest.raises(UsageError, match=message):
+        predict_maps(ProbeModel(), np.zeros((16, 16, 16), np.float32), 0.0,
+                     InferenceSettings(device="cpu", **kw))
+
+
+def test_non_finite_output_is_a_clear_error() -> None:
+    from brainbag.errors import ProcessingError
+
+    vol = np.zeros((16, 16, 16), np.float32)
+    vol[0, 0, 0] = np.nan
+    with pytest.raises(ProcessingError, match="non-finite"):
+        predict_maps(ProbeModel(), vol, 0.0, _settings("full"))
