@@ -264,8 +264,15 @@ def resolve_weights(
                 "(a file written by `brainbag train`) or --weights ID from a manifest (--manifest "
                 f"FILE or ${ENV_MANIFEST}; see `brainbag weights list` and 'Weights' in the README)"
             )
+    elif spec in catalog.entries:
+        entry = catalog.entries[spec]
     else:
-        entry = catalog.get(spec)
+        known = ", ".join(catalog.entries) or "none"
+        raise WeightsError(
+            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
+            f"{known}; manifests: {', '.join(str(m) for m in catalog.manifests)}); pass a "
+            ".safetensors path, or an id from `brainbag weights list`"
+        )
     if rf is not None and entry.rf != rf:
         raise UsageError(
             f"weights {entry.id} are RF {entry.rf} but --rf {rf} was given; drop --rf or pass "

@@ -83,6 +83,8 @@ def test_fetch_list_verify_info(fake_hub, lab) -> None:
         ("lab-rf9-v1", 9, ["age", "sex"], "missing", None),
         ("lab-rf17-v1", 17, ["age", "sex"], "missing", None)]
     assert listed[0]["sha256"] == sha256_file(lab["w9"])
+    table = runner.invoke(app, ["weights", "list", *common])
+    assert table.exit_code == 0 and "lab-rf17-v1" in table.stdout and "missing" in table.stdout
     assert fake_hub.requests == []  # listing never uses the network
 
     result = runner.invoke(app, ["weights", "fetch", *common])
@@ -170,6 +172,10 @@ def test_predict_by_default_entry_id_offline_and_env_manifest(fake_hub, lab, tmp
 
     result = runner.invoke(app, [*base, "--weights", "lab-rf17-v1", "--rf", "9"])
     assert result.exit_code == 2 and "RF 17 but --rf 9" in result.stderr
+    result = runner.invoke(app, [*base, "--weights", "lab-rf99-v1"])
+    assert result.exit_code == 1
+    _one_line_error(result, "'lab-rf99-v1' is neither a file nor a weights id",
+                    "lab-rf9-v1, lab-rf17-v1", str(lab["manifest"]))
 
 
 def test_a_manifest_entry_contradicting_its_file_is_refused(fake_hub, tiny_weights, tmp_path):
