@@ -75,6 +75,7 @@ class HubSettings:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for records and logs)."""
         return {"cache_dir": str(self.cache_dir), "endpoint": self.endpoint,
                 "offline": self.offline}
 
@@ -127,12 +128,18 @@ def check_copy(entry: WeightsEntry, path: Path) -> str | None:
 
 
 def delete_cached(path: Path, cache_dir: Path) -> None:
-    """Remove a cached file: the snapshot entry and the blob it links to (if inside the cache)."""
+    """Remove a cached file: the snapshot link, any links it goes through (huggingface_hub's
+    per-repo blob, which may link on to a shared blob) and the file at the end of the chain,
+    deleting only what lies inside the cache folder."""
     root = Path(cache_dir).resolve()
-    target = path.resolve() if path.is_symlink() else None
-    path.unlink(missing_ok=True)
-    if target is not None and target.is_relative_to(root):
-        target.unlink(missing_ok=True)
+    chain = [Path(path)]
+    while chain[-1].is_symlink() and len(chain) < 8:
+        link = chain[-1]
+        chain.append(Path(os.path.normpath(link.parent / os.readlink(link))))
+    for i, item in enumerate(chain):
+        inside = Path(os.path.normpath(item.parent.resolve() / item.name)).is_relative_to(root)
+        if i == 0 or inside:
+            item.unlink(missing_ok=True)
 
 
 def local_copies(entry: WeightsEntry, settings: HubSettings) -> list[tuple[Source, Path]]:
@@ -251,6 +258,7 @@ class EntryStatus:
     problems: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``brainbag weights list --json`` object of this entry."""
         return {
             "id": self.entry.id,
             "rf": self.entry.rf,
@@ -356,6 +364,8 @@ def draft_entry(settings: PublishSettings, revision: str) -> WeightsEntry:
 
 @dataclass(frozen=True)
 class PublishResult:
+    """The published entry (pinned to the new commit) and where it was verified."""
+
     entry: WeightsEntry
     commit_url: str
     verified_path: Path

@@ -65,6 +65,7 @@ class HfSource:
     filename: str
 
     def to_dict(self) -> dict[str, str]:
+        """Plain-data form, as in the manifest."""
         return {"repo_id": self.repo_id, "revision": self.revision, "filename": self.filename}
 
 
@@ -353,6 +354,7 @@ class Catalog:
     defaults: dict[int, str]
 
     def get(self, weights_id: str) -> WeightsEntry:
+        """The entry called ``weights_id``; an error listing the known ids otherwise."""
         try:
             return self.entries[weights_id]
         except KeyError:
@@ -364,6 +366,7 @@ class Catalog:
             ) from None
 
     def default_for(self, rf: int) -> WeightsEntry | None:
+        """The default entry for ``rf`` (see the precedence rules above), if any."""
         weights_id = self.defaults.get(rf)
         return self.entries[weights_id] if weights_id else None
 

@@ -271,3 +271,20 @@ def test_names_escaping_the_cache_are_refused_even_without_the_manifest_check(tm
     link.symlink_to(victim)
     delete_cached(link, tmp_path / "cache")  # a link out of the cache: remove the link only
     assert victim.read_bytes() == b"keep" and not link.exists()
+
+
+def test_deleting_a_bad_copy_removes_the_whole_link_chain_inside_the_cache(tmp_path) -> None:
+    # huggingface_hub's layout with its shared blob store: snapshot -> repo blob -> shared blob
+    cache = tmp_path / "cache"
+    shared = cache / "blobs" / "ab" / ("ab" * 32)
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"bad")
+    repo_blob = cache / "models--a--b" / "blobs" / ("cd" * 32)
+    repo_blob.parent.mkdir(parents=True)
+    repo_blob.symlink_to(os.path.relpath(shared, repo_blob.parent))
+    pointer = cache / "models--a--b" / "snapshots" / ("e" * 40) / "w.safetensors"
+    pointer.parent.mkdir(parents=True)
+    pointer.symlink_to(os.path.relpath(repo_blob, pointer.parent))
+    assert pointer.read_bytes() == b"bad"
+    delete_cached(pointer, cache)
+    assert not any(p.exists() or p.is_symlink() for p in (pointer, repo_blob, shared))

@@ -15,6 +15,7 @@ from conftest import make_affine, save
 from manifests import entry_for, write_manifest
 from typer.testing import CliRunner
 
+import brainbag.predict
 from brainbag.cli import app
 from brainbag.hub import cache_path
 from brainbag.io import sha256_file
@@ -66,6 +67,24 @@ def test_list_with_only_the_shipped_manifest_says_there_are_none() -> None:
     assert "no weights are listed" in result.stderr and "--manifest" in result.stderr
     result = runner.invoke(app, ["weights", "list", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout) == []
+
+
+def test_predict_passes_the_weights_options_through(tmp_path: Path, monkeypatch) -> None:
+    seen = {}
+
+    def fake_run(inputs, settings, on_result=None):
+        seen["settings"] = settings
+        return []
+
+    monkeypatch.setattr(brainbag.predict, "run_predict", fake_run)
+    result = runner.invoke(app, [
+        "predict", str(_brain(tmp_path)), "--weights", "lab-rf9-v1", "--manifest", "a.json",
+        "--manifest", "b.json", "--cache-dir", str(tmp_path / "c"), "--offline"])
+    assert result.exit_code == 0, result.output
+    s = seen["settings"]
+    assert (s.weights, s.manifests, s.cache_dir, s.offline) == (
+        "lab-rf9-v1", (Path("a.json"), Path("b.json")), tmp_path / "c", True)
+    assert s.to_dict()["manifests"] == ["a.json", "b.json"]
 
 
 def test_predict_without_weights_says_so_and_how_to_supply_them(tmp_path: Path) -> None:
