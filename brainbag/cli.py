@@ -287,7 +287,9 @@ def _no_entries(catalog: Any) -> None:
 
 @weights_app.command("list")
 def weights_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per entry.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="A JSON list, one object per entry.")
+    ] = False,
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
