@@ -89,6 +89,23 @@ def main_callback(
     _state["debug"] = debug
 
 
+ManifestOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--manifest", help="Extra weights manifest (JSON); repeatable. Searched before "
+                 "$BRAINBAG_MANIFEST and the shipped manifest."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Weights cache folder [default: $BRAINBAG_CACHE_DIR, else "
+                 "the HuggingFace hub cache]."),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Never use the network (also: HF_HUB_OFFLINE=1); weights must "
+                 "be bundled or cached."),
+]
+
+
 @app.command()
 def predict(
     inputs: Annotated[
@@ -102,7 +119,9 @@ def predict(
     ] = None,
     weights: Annotated[
         str | None,
-        typer.Option("--weights", help="Weights file (.safetensors written by brainbag)."),
+        typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
+                     "a .safetensors file written by brainbag [default: the manifest's default "
+                     "for --rf]."),
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder.")
@@ -143,6 +162,9 @@ def predict(
         typer.Option("--map-space", help="model: maps on the network's 8 mm grid; input: "
                      "resampled onto the input image's own grid."),
     ] = MapSpaceOpt.model,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Predict brain age and P(female) and write local age and sex maps."""
     from brainbag.inference import InferenceSettings
@@ -166,6 +188,9 @@ def predict(
         ),
         resample=not no_resample,
         map_space=map_space.value,
+        manifests=tuple(manifest or ()),
+        cache_dir=cache_dir,
+        offline=offline,
     )
     if mask is not None and len(inputs) > 1:
         fail(UsageError("--mask applies to one input; give one input per run with --mask"),
@@ -218,6 +243,255 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path) -> None
         )
     console.print(table)
     console.print(f"results in {out}/ (predictions.tsv, <subject>/prediction.json, maps)")
+
+
+weights_app = typer.Typer(
+    name="weights",
+    help="List, fetch, verify, describe and publish weights listed in the manifests.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(weights_app, name="weights")
+
+
+def _hub(cache_dir: Path | None, offline: bool) -> Any:
+    from brainbag.hub import HubSettings
+
+    return HubSettings.from_env(cache_dir=cache_dir, offline=offline)
+
+
+def _catalog(manifest: list[Path] | None) -> Any:
+    from brainbag.manifest import load_catalog
+
+    try:
+        return load_catalog(manifest or ())
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+
+
+def _select(catalog: Any, ids: list[str] | None) -> list[Any]:
+    try:
+        return [catalog.get(i) for i in ids] if ids else list(catalog.entries.values())
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+        return []
+
+
+def _no_entries(catalog: Any) -> None:
+    where = ", ".join(str(m) for m in catalog.manifests)
+    _console(stderr=True).print(
+        f"no weights are listed in the manifests ({where}): brainbag ships no trained weights "
+        "yet. Add a manifest with --manifest FILE or $BRAINBAG_MANIFEST.", soft_wrap=True,
+        markup=False)
+
+
+@weights_app.command("list")
+def weights_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="A JSON list, one object per entry.")
+    ] = False,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """List the weights in the manifests and whether a verified copy is on this machine."""
+    import json
+
+    from brainbag.hub import entry_status
+
+    catalog = _catalog(manifest)
+    hub = _hub(cache_dir, offline=True)
+    try:
+        statuses = [entry_status(e, hub) for e in catalog.entries.values()]
+    except (BrainbagError, OSError) as exc:
+        fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+        return
+    if not statuses:
+        _no_entries(catalog)
+        return
+    from rich.table import Table
+
+    table = Table(title="brainbag weights")
+    for column in ("id", "RF", "heads", "default", "trained", "size (MB)", "status", "path"):
+        table.add_column(column)
+    for st in statuses:
+        e = st.entry
+        colour = {"ok": "green", "missing": "yellow", "mismatch": "red"}[st.status]
+        table.add_row(
+            e.id, str(e.rf), ",".join(e.heads), "yes" if e.default else "",
+            "yes" if e.trained else "[red]NO[/]", f"{e.size / 1e6:.1f}",
+            f"[{colour}]{st.status}[/]", str(st.path or "-"))
+    console = _console()
+    console.print(table)
+    console.print(f"cache: {hub.cache_dir}", soft_wrap=True, markup=False)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs [default: all].")] = None,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
+) -> None:
+    """Download (pinned commit) and verify weights into the cache; exit 1 if any fails."""
+    from rich.markup import escape
+
+    from brainbag.hub import resolve_entry
+
+    catalog = _catalog(manifest)
+    entries = _select(catalog, ids)
+    if not entries:
+        _no_entries(catalog)
+        return
+    hub = _hub(cache_dir, offline)
+    out, err = _console(), _console(stderr=True)
+    failed = 0
+    for entry in entries:
+        try:
+            resolved = resolve_entry(
+                entry, hub, on_download=lambda e: err.print(
+                    f"downloading {e.id} from {hub.endpoint} ...", markup=False))
+        except (BrainbagError, OSError) as exc:
+            failed += 1
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            continue
+        out.print(f"[green]ok[/] {escape(entry.id)} ({resolved.source}) "
+                  f"{escape(str(resolved.path))}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@weights_app.command("verify")
+def weights_verify(
+    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs [default: all].")] = None,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Hash every weights file present on this machine; exit 1 if any does not match."""
+    from rich.markup import escape
+
+    from brainbag.hub import entry_status
+
+    catalog = _catalog(manifest)
+    entries = _select(catalog, ids)
+    hub = _hub(cache_dir, offline=True)
+    out, err = _console(), _console(stderr=True)
+    bad = 0
+    for entry in entries:
+        try:
+            st = entry_status(entry, hub)
+        except (BrainbagError, OSError) as exc:
+            fail(exc)
+            return
+        for problem in st.problems:
+            bad += 1
+            err.print(f"[bold red]bad:[/] {escape(problem)}; run `brainbag weights fetch "
+                      f"{escape(entry.id)}` to replace it", soft_wrap=True)
+        if st.path is not None:
+            out.print(f"[green]ok[/] {escape(entry.id)} {escape(str(st.path))}", soft_wrap=True)
+        elif not st.problems:
+            out.print(f"[yellow]not present[/] {escape(entry.id)}", soft_wrap=True)
+    if not entries:
+        _no_entries(catalog)
+    if bad:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@weights_app.command("info")
+def weights_info(
+    weights_id: Annotated[str, typer.Argument(metavar="ID", help="Weights ID.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entry as JSON.")] = False,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Show the model card of one weights entry."""
+    import json
+
+    from brainbag.hub import entry_status
+
+    entry = _select(_catalog(manifest), [weights_id])[0]
+    try:
+        st = entry_status(entry, _hub(cache_dir, offline=True))
+    except (BrainbagError, OSError) as exc:
+        fail(exc)
+        return
+    card = {**entry.to_dict(), "manifest": str(entry.manifest),
+            "local": {"status": st.status, "path": str(st.path) if st.path else None,
+                      "source": st.source, "problems": list(st.problems)}}
+    if as_json:
+        typer.echo(json.dumps(card, indent=2))
+        return
+    from rich.markup import escape
+
+    console = _console()
+    console.print(f"[bold]{escape(entry.id)}[/]" + (" (default)" if entry.default else ""))
+    if not entry.trained:
+        console.print("[bold red]UNTRAINED weights: their predictions mean nothing[/]")
+    for key in ("description", "rf", "heads", "architecture", "arch_kwargs", "preprocessing",
+                "training", "licence", "metrics", "sha256", "size", "sources", "manifest",
+                "local"):
+        value = card[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        console.print(f"[cyan]{key}[/]: {escape(str(text))}", soft_wrap=True)
+
+
+@weights_app.command("publish")
+def weights_publish(
+    file: Annotated[Path, typer.Argument(help="A brainbag .safetensors weights file.")],
+    repo: Annotated[str, typer.Option("--repo", help="HuggingFace repository ORG/NAME.")],
+    weights_id: Annotated[str | None, typer.Option(
+        "--id", help="Versioned weights ID [default: the ID in the file's metadata].")] = None,
+    filename: Annotated[str | None, typer.Option(
+        "--filename", help="File name in the repository [default: ID.safetensors].")] = None,
+    branch: Annotated[str, typer.Option("--branch", help="Branch to commit to.")] = "main",
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    no_create: Annotated[bool, typer.Option(
+        "--no-create-repo", help="Fail if the repository does not exist.")] = False,
+    default: Annotated[bool, typer.Option(
+        "--default", help="Mark the entry as the default for its RF.")] = False,
+    licence: Annotated[str | None, typer.Option(
+        "--licence", help="Licence of the weights [default: training.licence in the file].")
+    ] = None,
+    description: Annotated[str, typer.Option("--description", help="One-line description.")] = "",
+    metrics: Annotated[Path | None, typer.Option(
+        "--metrics", help="JSON list of {name, value, method, ...} measured for these weights.")
+    ] = None,
+    write: Annotated[Path | None, typer.Option(
+        "--write", help="Also add the entry to this manifest file (created if absent).")] = None,
+    message: Annotated[str | None, typer.Option("--message", help="Commit message.")] = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Upload a weights file to a HuggingFace repo and print its manifest entry (JSON).
+
+    The upload is checked by downloading it back by its commit hash and verifying its sha256.
+    Authentication: HF_TOKEN or `hf auth login`; HF_ENDPOINT selects an internal hub.
+    """
+    import json
+
+    from brainbag.hub import PublishSettings, publish
+    from brainbag.manifest import add_entry
+
+    settings = PublishSettings(
+        file=file, repo_id=repo, weights_id=weights_id, filename=filename, branch=branch,
+        private=private, create_repo=not no_create, default=default, licence=licence,
+        description=description, metrics=metrics, write=write, commit_message=message)
+    err = _console(stderr=True)
+    try:
+        result = publish(settings, _hub(cache_dir, offline=False))
+        if write is not None:
+            add_entry(write, result.entry)
+    except (BrainbagError, OSError) as exc:
+        fail(exc, getattr(exc, "exit_code", EXIT_FAILURE))
+        return
+    if not result.entry.trained:
+        err.print("[yellow]warning:[/] these weights are marked UNTRAINED", soft_wrap=True)
+    err.print(f"published {result.commit_url}; verified download: {result.verified_path}",
+              soft_wrap=True, markup=False)
+    if write is not None:
+        err.print(f"entry {result.entry.id} added to {write}", soft_wrap=True, markup=False)
+    typer.echo(json.dumps(result.entry.to_dict(), indent=2))
 
 
 def main() -> None:

@@ -33,3 +33,7 @@ class WeightsError(BrainbagError):
 
 class ProcessingError(BrainbagError):
     """A failure while processing a valid input (for example non-finite network output)."""
+
+
+class ManifestError(WeightsError):
+    """A weights manifest that is unreadable or breaks the manifest schema."""

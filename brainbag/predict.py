@@ -50,7 +50,7 @@ from brainbag.outputs import (
     write_tsv_atomic,
 )
 from brainbag.preprocess import Conformed, conform, load_mask
-from brainbag.weights import LoadedWeights, load_weights, resolve_weights
+from brainbag.weights import LoadedWeights, open_weights
 
 MapSpace = Literal["model", "input"]
 TSV_NAME = "predictions.tsv"
@@ -67,11 +67,16 @@ class PredictSettings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     resample: bool = True
     map_space: MapSpace = "model"
+    manifests: tuple[Path, ...] = ()
+    cache_dir: Path | None = None
+    offline: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out)
         d["mask"] = str(self.mask) if self.mask else None
+        d["manifests"] = [str(m) for m in self.manifests]
+        d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         d["inference"]["window"] = list(self.inference.window)
         return d
 
@@ -80,23 +85,20 @@ class WeightsProvider:
     """Resolves and loads the weights once, the first time a model is needed."""
 
     def __init__(
-        self, spec: str | None, rf: int | None, loaded: LoadedWeights | None = None
+        self, settings: PredictSettings, loaded: LoadedWeights | None = None
     ) -> None:
-        self.spec = spec
-        self.rf = rf
+        self.settings = settings
         self._loaded = loaded
         self.seconds = 0.0
 
     def get(self) -> LoadedWeights:
         if self._loaded is None:
+            from brainbag.hub import HubSettings
+
             t0 = time.perf_counter()
-            loaded = load_weights(resolve_weights(self.spec, self.rf))
-            if self.rf is not None and loaded.meta.rf != self.rf:
-                raise UsageError(
-                    f"weights {loaded.path} are RF {loaded.meta.rf} but --rf {self.rf} was given; "
-                    "drop --rf or pass weights of that RF"
-                )
-            self._loaded = loaded
+            s = self.settings
+            hub = HubSettings.from_env(cache_dir=s.cache_dir, offline=s.offline)
+            self._loaded = open_weights(s.weights, s.rf, s.manifests, hub)
             self.seconds = time.perf_counter() - t0
         return self._loaded
 
@@ -161,7 +163,7 @@ class Predictor:
         self.precision, self.precision_warning = resolve_precision(
             settings.inference.precision, self.device
         )
-        self.weights = WeightsProvider(settings.weights, settings.rf, weights)
+        self.weights = WeightsProvider(settings, weights)
 
     def predict(self, path: Path, mask_path: Path | None = None) -> dict[str, Any]:
         """Predict one input and write its outputs; returns the prediction record."""
@@ -183,7 +185,7 @@ class Predictor:
         weights = self.weights.get()
         if not weights.meta.trained:
             warnings.append(
-                f"weights {weights.meta.id} are UNTRAINED (random initialisation): "
+                f"weights {weights.id} are UNTRAINED (random initialisation): "
                 "the numbers below mean nothing"
             )
         if self.precision_warning:
@@ -242,10 +244,11 @@ class Predictor:
             "device": result.device,
             "precision": result.precision,
             "weights": {
-                "id": weights.meta.id,
+                "id": weights.id,
                 "sha256": weights.sha256,
                 "path": str(weights.path),
                 "trained": weights.meta.trained,
+                **weights.origin,
             },
             "brainbag_version": __version__,
             "input": {

@@ -9,12 +9,18 @@ Metadata layout (safetensors metadata is ``str -> str``)::
 
     format    = "brainbag-weights/1"
     brainbag  = JSON of WeightsMeta
+
+``--weights`` is either a path or a manifest id (:mod:`brainbag.manifest`); a manifest entry is
+fetched and verified by :mod:`brainbag.hub`, and its sha256 is checked again here, before the file
+is parsed, by :func:`load_weights`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +29,10 @@ import torch
 from torch import nn
 
 from brainbag import __version__
-from brainbag.errors import WeightsError
+from brainbag.errors import UsageError, WeightsError
+from brainbag.hub import HubSettings, resolve_entry
 from brainbag.io import sha256_file
+from brainbag.manifest import ENV_MANIFEST, WeightsEntry, load_catalog
 from brainbag.model import BagNet3D, build_model
 
 FORMAT = "brainbag-weights/1"
@@ -75,12 +83,21 @@ class WeightsMeta:
 @dataclass
 class LoadedWeights:
     """A model ready for inference with its metadata. ``model`` is a BagNet3D when loaded from a
-    file; tests may pass any module with the same map geometry interface."""
+    file; tests may pass any module with the same map geometry interface.
+
+    ``entry_id`` is the manifest id when the file was chosen through a manifest: it is the
+    authoritative name of the weights (the file's own ``meta.id`` is kept as well)."""
 
     model: Any
     meta: WeightsMeta
     path: Path
     sha256: str
+    entry_id: str | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.entry_id or self.meta.id
 
 
 def save_weights(
@@ -142,13 +159,14 @@ def load_weights(path: Path, sha256: str | None = None) -> LoadedWeights:
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = read_meta(path)
+    _check_path(path)
     digest = sha256_file(path)
     if sha256 is not None and digest != sha256:
         raise WeightsError(
             f"weights {path} has sha256 {digest}, expected {sha256}; the file is corrupt or not "
             "the one listed: delete it and fetch it again"
         )
+    meta = read_meta(path)
     try:
         model = build_model(meta.architecture, meta.arch_kwargs)
     except (ValueError, TypeError) as exc:
@@ -195,17 +213,110 @@ def random_weights_meta(model: nn.Module, weights_id: str) -> WeightsMeta:
     )
 
 
-def resolve_weights(spec: str | None, rf: int | None) -> Path:
-    """Turn ``--weights`` (or its absence) into a local weights file.
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A local weights file chosen by ``--weights`` / ``--rf``, before loading.
 
-    Until trained default weights are published, a missing ``spec`` is an error that says so.
+    ``sha256`` is the hash the file must have (from the manifest) or None for a plain file path;
+    ``entry`` is the manifest entry used, if any; ``source`` says where the file came from:
+    ``file`` (a path given by the user), ``bundled``, ``cache`` or ``download``.
     """
+
+    path: Path
+    sha256: str | None = None
+    entry: WeightsEntry | None = None
+    source: str = "file"
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        "/" in spec
+        or os.sep in spec
+        or Path(spec).suffix.lower() in (SUFFIX, ".pt", ".pth", ".ckpt", ".bin", ".pkl")
+        or Path(spec).expanduser().exists()
+    )
+
+
+def resolve_weights(
+    spec: str | None,
+    rf: int | None,
+    manifests: Sequence[Path] = (),
+    hub: HubSettings | None = None,
+) -> ResolvedWeights:
+    """Turn ``--weights`` (a path or a manifest id) or its absence into a verified local file.
+
+    Without ``spec`` the manifests' default entry for ``rf`` (9 when not given) is used; when
+    there is none, the error says that no trained weights are installed and how to supply them.
+    Manifest entries are fetched if needed (see :mod:`brainbag.hub`) and hash-verified.
+    """
+    if spec is not None and _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        _check_path(path)
+        return ResolvedWeights(path=path)
+
+    catalog = load_catalog(manifests)
     if spec is None:
+        entry = catalog.default_for(rf or 9)
+        if entry is None:
+            raise WeightsError(
+                f"no trained weights are installed for RF {rf or 9}: brainbag {__version__} "
+                "ships none yet, so it will not print an age. Pass --weights FILE.safetensors "
+                "(a file written by `brainbag train`) or --weights ID from a manifest (--manifest "
+                f"FILE or ${ENV_MANIFEST}; see `brainbag weights list` and 'Weights' in the README)"
+            )
+    elif spec in catalog.entries:
+        entry = catalog.entries[spec]
+    else:
+        known = ", ".join(catalog.entries) or "none"
         raise WeightsError(
-            f"no trained weights are installed for RF {rf or 9}: brainbag {__version__} ships "
-            "none yet, so it will not print an age. Pass --weights FILE.safetensors "
-            "(a file written by `brainbag train`); see 'Weights' in the README"
+            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
+            f"{known}; manifests: {', '.join(str(m) for m in catalog.manifests)}); pass a "
+            ".safetensors path, or an id from `brainbag weights list`"
         )
-    path = Path(spec).expanduser()
-    _check_path(path)
-    return path
+    if rf is not None and entry.rf != rf:
+        raise UsageError(
+            f"weights {entry.id} are RF {entry.rf} but --rf {rf} was given; drop --rf or pass "
+            "weights of that RF"
+        )
+    resolved = resolve_entry(entry, hub or HubSettings.from_env())
+    return ResolvedWeights(path=resolved.path, sha256=resolved.sha256, entry=entry,
+                           source=resolved.source)
+
+
+def check_entry(entry: WeightsEntry, meta: WeightsMeta, path: Path) -> None:
+    """Refuse a file whose own metadata contradicts its manifest entry."""
+    found = (meta.architecture, meta.rf, sorted(meta.heads))
+    expected = (entry.architecture, entry.rf, sorted(entry.heads))
+    if found != expected:
+        raise WeightsError(
+            f"weights {path} describe themselves as {found[0]} RF {found[1]} heads {found[2]} but "
+            f"manifest entry {entry.id} in {entry.manifest} says {expected[0]} RF {expected[1]} "
+            f"heads {expected[2]}; fix the manifest entry"
+        )
+
+
+def open_weights(
+    spec: str | None,
+    rf: int | None,
+    manifests: Sequence[Path] = (),
+    hub: HubSettings | None = None,
+) -> LoadedWeights:
+    """Resolve ``--weights``/``--rf`` to a file, verify its sha256, then load it."""
+    resolved = resolve_weights(spec, rf, manifests, hub)
+    loaded = load_weights(resolved.path, sha256=resolved.sha256)
+    entry = resolved.entry
+    if entry is not None:
+        check_entry(entry, loaded.meta, resolved.path)
+        loaded.entry_id = entry.id
+    loaded.origin = {
+        "file_meta_id": loaded.meta.id,
+        "source": resolved.source,
+        "manifest": str(entry.manifest) if entry is not None and entry.manifest else None,
+        "hf": entry.hf.to_dict() if entry is not None and entry.hf else None,
+    }
+    if rf is not None and loaded.meta.rf != rf:
+        raise UsageError(
+            f"weights {loaded.path} are RF {loaded.meta.rf} but --rf {rf} was given; "
+            "drop --rf or pass weights of that RF"
+        )
+    return loaded

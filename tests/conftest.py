@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -114,3 +116,53 @@ def tiny_weights(tmp_path: Path):
         return path
 
     return make
+
+
+# -- network isolation and the local test hub ------------------------------------------------
+
+_REAL_CONNECT = socket.socket.connect
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _loopback_only_connect(self: socket.socket, address) -> None:
+    if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOOPBACK:
+        raise RuntimeError(
+            f"a test tried to connect to {address}: tests must never use the network (the real "
+            "HuggingFace Hub included); use the fake_hub fixture"
+        )
+    return _REAL_CONNECT(self, address)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_from_hub_and_user_caches(monkeypatch, tmp_path_factory):
+    """Every test: no real hub (HF_ENDPOINT points at a closed local port, and any non-loopback
+    connection raises), no telemetry, and no user manifest, cache, token or offline setting."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                 "BRAINBAG_MANIFEST", "BRAINBAG_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only_connect)
+    # huggingface_hub reads some settings once, at import (maybe before this fixture ran).
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A local Hub-compatible server (tests/hubserver.py); HF_ENDPOINT and HF_TOKEN point at it."""
+    from hubserver import TOKEN, FakeHub
+
+    hub = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield hub
+    hub.stop()
