@@ -11,7 +11,7 @@ Each entry names one weights file by ``id`` (versioned: ``...-v<N>``), says what
 lists where to get them (``sources``): a ``bundled`` file (a path relative to the manifest's own
 folder; for the shipped manifest, inside the installed package) and/or a HuggingFace location
 (``hf``: ``repo_id``, ``revision`` = a 40-character commit hash, ``filename``). The schema is
-documented in ``brainbag/weights_manifest/README.md`` and enforced here; unknown keys are errors
+documented in ``weights_manifest/README.md`` and enforced here; unknown keys are errors
 so that a typo never silently drops a field.
 
 Several manifests combine into a :class:`Catalog`. Precedence, highest first: ``--manifest``
@@ -25,6 +25,7 @@ This module imports neither torch nor huggingface_hub, so ``brainbag weights lis
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -37,7 +38,21 @@ from brainbag.errors import ManifestError
 
 FORMAT = "brainbag-manifest/1"
 ENV_MANIFEST = "BRAINBAG_MANIFEST"
-SHIPPED_MANIFEST = Path(__file__).resolve().parent / "weights_manifest" / "manifest.json"
+
+
+def _shipped_manifest_path() -> Path:
+    """The manifest installed with brainbag: the repository's top-level ``weights_manifest/``,
+    installed as the data package ``brainbag.weights_manifest``."""
+    try:
+        spec = importlib.util.find_spec("brainbag.weights_manifest")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.origin:
+        return Path(spec.origin).parent / "manifest.json"
+    return Path(__file__).resolve().parents[1] / "weights_manifest" / "manifest.json"
+
+
+SHIPPED_MANIFEST = _shipped_manifest_path()
 
 #: Receptive fields and heads brainbag's model registry knows (checked against brainbag.model in
 #: the tests; repeated here so that reading a manifest does not import torch).
