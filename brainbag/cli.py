@@ -165,6 +165,18 @@ def predict(
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Predict even when a check fails (recorded in "
+                           "prediction.json).")
+    ] = False,
+    n4: Annotated[
+        bool, typer.Option("--n4", help="N4 bias-field correction within the brain mask before "
+                           "prediction.")
+    ] = False,
+    save_conformed: Annotated[
+        bool, typer.Option("--save-conformed", help="Also write conformed.nii.gz: the whitened "
+                           "1 mm image the model sees, in world register with the input.")
+    ] = False,
 ) -> None:
     """Predict brain age and P(female) and write local age and sex maps."""
     from brainbag.inference import InferenceSettings
@@ -191,16 +203,24 @@ def predict(
         manifests=tuple(manifest or ()),
         cache_dir=cache_dir,
         offline=offline,
+        force=force,
+        n4=n4,
+        save_conformed=save_conformed,
     )
     if mask is not None and len(inputs) > 1:
         fail(UsageError("--mask applies to one input; give one input per run with --mask"),
              EXIT_USAGE)
+    from rich.markup import escape
+
     console = _console()
     err = _console(stderr=True)
 
     def show(record: dict[str, Any]) -> None:
         for warning in record.get("warnings", []):
-            err.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, markup=True)
+            err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        for fix in record.get("fixes", []):
+            if fix.get("name") != "resample":  # conform's warning already says so
+                err.print(f"[cyan]fixed:[/] {escape(_describe_fix(fix))}", soft_wrap=True)
         if record.get("status") == "failed":
             err.print(f"[bold red]failed:[/] {record['error']}", soft_wrap=True)
 
@@ -216,6 +236,84 @@ def predict(
     _print_table(console, records, out)
     if any(r.get("status") != "ok" for r in records):
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _describe_fix(fix: dict[str, Any]) -> str:
+    if fix.get("name") == "n4":
+        return (f"N4 bias-field correction (field varied {fix['field_range_percent']:.0f} %; "
+                f"{fix['seconds']:.1f} s)")
+    return str(fix.get("description", fix.get("name")))
+
+
+@app.command()
+def check(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz) or folders to search for them."),
+    ],
+    mask: Annotated[
+        Path | None,
+        typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain), as for "
+                     "predict. Default: voxels > 0 of the image."),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON: a list of objects with "
+                           "path, name, status, found, expected, hint.")
+    ] = False,
+    n4: Annotated[
+        bool, typer.Option("--n4", help="Also run N4 bias-field correction and report the "
+                           "field left after it and its run time.")
+    ] = False,
+) -> None:
+    """Check whether scans fit the model: one table per scan, one row per check.
+
+    Exit code 0 when no check fails (warnings allowed), 1 when any check fails.
+    """
+    from brainbag.checks import CheckOptions, check_inputs
+
+    if mask is not None and len(inputs) > 1:
+        fail(UsageError("--mask applies to one input; check one input per run with --mask"),
+             EXIT_USAGE)
+    options = CheckOptions(mask=mask, n4=n4)
+    console = _console()
+    show = None if json_out else (lambda report: _print_report(console, report))
+    try:
+        reports = check_inputs(list(inputs), options, on_report=show)
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+        return
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([row for r in reports for row in r.to_list()], indent=2))
+    elif len(reports) > 1:
+        failed = sum(1 for r in reports if r.failures)
+        console.print(f"{len(reports)} scans checked: {failed} with failed checks, "
+                      f"{sum(1 for r in reports if r.warnings and not r.failures)} with "
+                      "warnings only")
+    if any(r.failures for r in reports):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+_STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _print_report(console: Any, report: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    failures, warnings = len(report.failures), len(report.warnings)
+    verdict = ("[bold red]does not fit the model[/]" if failures else
+               "[yellow]fits, with warnings[/]" if warnings else "[green]fits the model[/]")
+    table = Table(title=f"{escape(str(report.path))}: {verdict}", title_justify="left",
+                  show_lines=True)
+    for column in ("check", "status", "found", "expected", "fix"):
+        table.add_column(column, overflow="fold")
+    for r in report.results:
+        style = _STATUS_STYLE[r.status]
+        table.add_row(r.name, f"[{style}]{r.status}[/]", escape(r.found), escape(r.expected),
+                      escape(r.hint))
+    console.print(table)
 
 
 def _print_table(console: Any, records: list[dict[str, Any]], out: Path) -> None:

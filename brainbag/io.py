@@ -28,6 +28,10 @@ from brainbag.errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz")
 AXIS_CODES = ("R", "A", "S")
+# A 0.5 mm whole-head scan is about 1e8 voxels; 2**28 (1 GiB as float32) is far beyond any T1.
+MAX_VOXELS = 2**28
+# deflate cannot expand data more than ~1032-fold: a larger declared size is a corrupt header
+MAX_GZIP_RATIO = 1100
 
 
 def strip_image_suffix(name: str) -> str:
@@ -109,7 +113,9 @@ def axis_codes(affine: np.ndarray) -> str:
     return "".join(nib.aff2axcodes(affine))
 
 
-def _read_header(path: Path, what: str) -> Any:
+def read_header(path: Path, what: str = "input") -> Any:
+    """Open an image lazily: the header is parsed, no voxel data is read."""
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     if path.is_dir():
@@ -135,7 +141,8 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
     one-line message for anything else.
     """
     path = Path(path)
-    img = _read_header(path, what)
+    img = read_header(path, what)
+    check_data_size(img, path, what)
     shape = tuple(int(n) for n in img.shape)
     proxy: Any
     if len(shape) == 4 and shape[3] == 1:
@@ -177,6 +184,43 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
         sha256=sha256_file(path),
         xform_code=xform_code,
     )
+
+
+def declared_size(img: Any) -> tuple[int, int]:
+    """Voxels per 3D volume and bytes of voxel data that an image's header declares."""
+    shape = tuple(int(n) for n in img.shape)
+    volumes = int(np.prod(shape[3:], dtype=np.float64)) if len(shape) > 3 else 1
+    voxels = int(np.prod(shape[:3], dtype=np.float64))
+    itemsize = int(img.header.get_data_dtype().itemsize)
+    return voxels, voxels * volumes * itemsize
+
+
+def check_data_size(img: Any, path: Path, what: str = "input") -> None:
+    """Refuse absurd headers before any voxel data is read or allocated.
+
+    A volume larger than :data:`MAX_VOXELS`, or more data than the file can hold (uncompressed:
+    more than its size; gzip-compressed: more than :data:`MAX_GZIP_RATIO` times its size), is a
+    corrupt header or not a single T1 volume.
+    """
+    voxels, nbytes = declared_size(img)
+    shape = "x".join(str(int(n)) for n in img.shape)
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"{what} {path}: the header declares {shape} = {voxels:,} voxels per volume, more "
+            f"than brainbag accepts ({MAX_VOXELS:,}); the header is corrupt or this is not a "
+            "brain T1: check the file, or resample it to 1 mm first"
+        )
+    file_bytes = Path(path).stat().st_size
+    compressed = Path(path).name.lower().endswith((".gz", ".mgz"))
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    limit = file_bytes * MAX_GZIP_RATIO if compressed else file_bytes - offset
+    if nbytes > limit:
+        held = f"{file_bytes:,} bytes" + (" compressed" if compressed else "")
+        raise InputError(
+            f"{what} {path}: the header declares {shape} voxels ({nbytes:,} bytes of "
+            f"{img.header.get_data_dtype()} data) but the file holds {held}; the file is "
+            "truncated or its header is corrupt: copy or export it again"
+        )
 
 
 def check_affine(affine: np.ndarray, path: Path, what: str = "input") -> None:

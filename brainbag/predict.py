@@ -1,10 +1,12 @@
 """The predict pipeline: load, conform, infer, write; one settings object, one call.
 
-For each input: read the file, conform it (mask, RAS+, 1 mm, whitening), run the network (full
-volume or sliding windows), turn the head outputs into years and P(female), and write the
-subject's folder (``prediction.json``, ``age_map.nii.gz``, ``sex_map.nii.gz``) by staging it in a
-hidden folder and renaming it into place. ``predictions.tsv`` in the output folder gets one row per
-input (rows for other inputs already there are kept).
+For each input: read the file, run the checks (:mod:`brainbag.checks`; a failed check stops the
+input unless ``force``), apply the requested fixes (N4), conform it (mask, RAS+, 1 mm, whitening),
+run the network (full volume or sliding windows), turn the head outputs into years and
+P(female), and write the subject's folder (``prediction.json``, ``age_map.nii.gz``,
+``sex_map.nii.gz``) by staging it in a hidden folder and renaming it into place.
+``predictions.tsv`` in the output folder gets one row per input (rows for other inputs already
+there are kept).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from brainbag import __version__
+from brainbag.checks import CheckOptions, run_checks
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.inference import (
     InferenceSettings,
@@ -32,6 +35,7 @@ from brainbag.inference import (
     resolve_precision,
 )
 from brainbag.io import (
+    Image,
     LoadedImage,
     axis_codes,
     load_image,
@@ -70,6 +74,9 @@ class PredictSettings:
     manifests: tuple[Path, ...] = ()
     cache_dir: Path | None = None
     offline: bool = False
+    force: bool = False
+    n4: bool = False
+    save_conformed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -177,9 +184,13 @@ class Predictor:
         mask = load_mask(mask_path, loaded) if mask_path is not None else None
         timings["load"] = time.perf_counter() - t0
 
+        loaded, checked = self._check_and_fix(loaded, mask, mask_path, warnings, timings)
+
         t0 = time.perf_counter()
         conformed = conform(loaded, mask, allow_resample=self.settings.resample)
         warnings += conformed.warnings
+        if conformed.resampled:
+            checked["fixes"].append(_resample_fix(loaded, conformed))
         timings["preprocess"] = time.perf_counter() - t0
 
         weights = self.weights.get()
@@ -199,9 +210,49 @@ class Predictor:
         timings["inference"] = time.perf_counter() - t0
 
         record = self._write(
-            loaded, mask_path, mask, conformed, result, heads, weights, warnings, timings, t_start
+            loaded, mask_path, mask, conformed, result, heads, weights, warnings, timings, t_start,
+            checked,
         )
         return record
+
+    def _check_and_fix(
+        self, loaded: LoadedImage, mask: np.ndarray | None, mask_path: Path | None,
+        warnings: list[str], timings: dict[str, float],
+    ) -> tuple[LoadedImage, dict[str, Any]]:
+        """Run the checks on the loaded input: refuse on a failure (unless ``force``), record
+        warnings, apply N4 (``n4``). Returns the image to conform and the record of both."""
+        from brainbag.fixes import n4_correct
+
+        options = CheckOptions(mask=mask_path, resample=self.settings.resample,
+                               mode=self.settings.inference.mode, n4=self.settings.n4)
+        report = run_checks(loaded.path, options, loaded=loaded, mask=mask)
+        if report.failures and not self.settings.force:
+            raise InputError(report.failure_message())
+        warnings += [f"--force: predicting although check {r.message()}" for r in report.failures]
+        # conform's own warning records the resampling it does
+        warnings += [r.message() for r in report.warnings if r.name != "voxel_size"]
+        fixes: list[dict[str, Any]] = []
+        checks_seconds = report.seconds
+        if self.settings.n4:
+            n4 = report.n4
+            if n4 is None:  # the bias check could not run (no usable brain mask)
+                brain = mask if mask is not None else loaded.image.data > 0
+                n4 = n4_correct(loaded.image.data, brain, loaded.zooms)
+            else:
+                checks_seconds -= n4.seconds
+            loaded = replace(loaded, image=Image(n4.data, loaded.image.affine))
+            fixes.append(n4.to_dict())
+            timings["n4"] = n4.seconds
+        timings["checks"] = checks_seconds
+        record = {
+            "checks": {
+                "results": [r.to_dict() for r in report.results],
+                "failed": [r.name for r in report.failures],
+                "forced": bool(report.failures),
+            },
+            "fixes": fixes,
+        }
+        return loaded, record
 
     def _write(
         self,
@@ -215,6 +266,7 @@ class Predictor:
         warnings: list[str],
         timings: dict[str, float],
         t_start: float,
+        checked: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         t_write = time.perf_counter()
         subject = subject_name(loaded.path)
@@ -284,6 +336,7 @@ class Predictor:
                 "global_is_mean_over": "all map voxels (network output); see *_brain_cells",
             },
             "outputs": {},
+            **(checked or {}),
             "warnings": warnings,
             "settings": self.settings.to_dict(),
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -310,6 +363,11 @@ class Predictor:
                 img = make_nifti(values, affine, loaded.xform_code, cal, description)
                 save_nifti_atomic(img, stage / f"{name}.nii.gz")
                 record["outputs"][name] = f"{name}.nii.gz"
+            if self.settings.save_conformed:
+                img = make_nifti(conformed.image.data, conformed.image.affine, loaded.xform_code,
+                                 description="brainbag conformed input (whitened)")
+                save_nifti_atomic(img, stage / "conformed.nii.gz")
+                record["outputs"]["conformed"] = "conformed.nii.gz"
             timings["write"] = time.perf_counter() - t_write
             timings["total"] = time.perf_counter() - t_start
             record["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
@@ -320,6 +378,18 @@ class Predictor:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
         return record
+
+
+def _resample_fix(loaded: LoadedImage, conformed: Conformed) -> dict[str, Any]:
+    return {
+        "name": "resample",
+        "description": "resampled to 1 mm isotropic (SimpleITK; linear for the image, nearest "
+                       "for the mask) on a grid with the input's axis directions and centre",
+        "from_voxel_mm": [round(z, 6) for z in loaded.zooms],
+        "to_voxel_mm": [round(z, 6) for z in conformed.image.zooms],
+        "from_shape": list(loaded.shape),
+        "to_shape": list(conformed.image.shape),
+    }
 
 
 def _publish_dir(stage: Path, final: Path) -> None:

@@ -17,6 +17,11 @@ from brainbag.cli import app
 runner = CliRunner()
 
 
+# _brain is a 21 ml block, not a brain: predict's checks refuse it (brain_mask), so the pipeline
+# tests below pass --force (FORCE); tests/test_predict_checks.py covers the checks themselves
+FORCE = "--force"
+
+
 def _brain(tmp_path: Path, name: str = "sub-01_T1w.nii.gz", affine=None) -> Path:
     rng = np.random.default_rng(0)
     data = np.zeros((40, 44, 36), np.float32)
@@ -79,7 +84,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_without_weights_it_says_none_are_installed(tmp_path: Path) -> None:
     img = _brain(tmp_path)
-    result = runner.invoke(app, ["predict", str(img), "--rf", "9", "--out", str(tmp_path / "o")])
+    result = runner.invoke(app, ["predict", str(img), "--rf", "9", "--out", str(tmp_path / "o"),
+                                 FORCE])
     assert result.exit_code == 1
     _one_line_error(result, "no trained weights are installed for RF 9", "--weights")
     assert not (tmp_path / "o" / "sub-01").exists()
@@ -89,7 +95,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     img = _brain(tmp_path)
     pt = tmp_path / "model.pt"
     pt.write_bytes(b"\x80\x04K\x01.")
-    result = runner.invoke(app, ["predict", str(img), "--weights", str(pt)])
+    result = runner.invoke(app, ["predict", str(img), "--weights", str(pt), FORCE])
     assert result.exit_code == 1
     _one_line_error(result, str(pt), "never loads pickled weights")
 
@@ -122,7 +128,7 @@ def test_predict_writes_outputs_and_a_table(tmp_path: Path, tiny_weights) -> Non
     img = _brain(tmp_path, affine=make_affine(flips=(-1, 1, 1)))
     out = tmp_path / "results"
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
-                                 "--out", str(out), "--window", "32", "32", "24"])
+                                 "--out", str(out), "--window", "32", "32", "24", FORCE])
     assert result.exit_code == 0, result.output
     assert "UNTRAINED" in result.stderr
     assert "sub-01" in result.stdout and "P(female)" in result.stdout
@@ -141,7 +147,7 @@ def test_predict_writes_outputs_and_a_table(tmp_path: Path, tiny_weights) -> Non
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     # a second run replaces the row instead of adding one
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
-                                 "--out", str(out), "--mode", "full"])
+                                 "--out", str(out), "--mode", "full", FORCE])
     assert result.exit_code == 0
     assert len((out / "predictions.tsv").read_text().splitlines()) == 2
 
@@ -160,8 +166,9 @@ def test_a_crash_while_writing_leaves_nothing_half_written(tmp_path, tiny_weight
 
     monkeypatch.setattr(brainbag.predict, "save_nifti_atomic", flaky)
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
-                                 "--out", str(out), "--mode", "full"])
+                                 "--out", str(out), "--mode", "full", FORCE])
     assert result.exit_code != 0
+    assert calls["n"] == 2  # it got as far as writing
     assert not (out / "sub-01").exists()
     assert list(out.iterdir()) == [] if out.exists() else True
 
@@ -172,7 +179,7 @@ def test_several_inputs_one_bad_file_does_not_stop_the_others(tmp_path, tiny_wei
     bad.write_bytes(b"not gzip at all")
     out = tmp_path / "results"
     result = runner.invoke(app, ["predict", str(bad), str(good), "--weights",
-                                 str(tiny_weights()), "--out", str(out), "--mode", "full"])
+                                 str(tiny_weights()), "--out", str(out), "--mode", "full", FORCE])
     assert result.exit_code == 1
     assert (out / "sub-01" / "prediction.json").exists()
     rows = [r.split("\t") for r in (out / "predictions.tsv").read_text().splitlines()[1:]]

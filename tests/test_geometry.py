@@ -55,6 +55,7 @@ def _run(tmp_path: Path, path: Path, padding: str, mode: str, map_space: str = "
         out=tmp_path / "out",
         inference=InferenceSettings(mode=mode, window=(32, 40, 24), overlap=0.25, device="cpu"),
         map_space=map_space,  # type: ignore[arg-type]
+        force=True,  # a 27 mm ball is not a brain: the checks refuse it (brain_mask)
     )
     record = Predictor(settings, weights=_probe_weights(padding)).predict(path)
     subject_dir = tmp_path / "out" / record["subject"]

@@ -159,3 +159,45 @@ def test_real_mgz_sample_reads() -> None:
     assert loaded.shape == (256, 256, 256)
     assert "".join(nib.aff2axcodes(loaded.image.affine)) == "LIA"
     assert loaded.image.data.max() > 0
+
+
+def _header_only(path: Path, shape, dtype=np.float32, gz: bool = True) -> Path:
+    """A NIfTI file whose header claims ``shape`` but that holds (almost) no voxel data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_sform(np.eye(4), code=1)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\x00" * 4 + b"\x00" * 64  # extension flag + a few voxels
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def test_size_guard_refuses_absurd_headers_before_allocating(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    path = _header_only(tmp_path / "huge.nii.gz", (4000, 4000, 4000))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="4000x4000x4000") as info:
+        load_image(path)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB allocated for a refused header"  # data: 256 GB
+    assert seconds < 1.0
+
+
+def test_size_guard_refuses_more_data_than_the_file_can_hold(tmp_path: Path) -> None:
+    # 500^3 float32 = 500 MB: within the voxel limit, but no gzip file of 1 kB expands to that
+    gz = _header_only(tmp_path / "claims.nii.gz", (500, 500, 500))
+    with pytest.raises(InputError, match="truncated or its header is corrupt"):
+        load_image(gz)
+    raw = _header_only(tmp_path / "claims.nii", (100, 100, 100), gz=False)
+    with pytest.raises(InputError, match="the file holds"):
+        load_image(raw)
+    # the same shape with its data present loads
+    ok = save(np.ones((100, 100, 100), np.float32), make_affine(), tmp_path / "ok.nii")
+    assert load_image(ok).shape == (100, 100, 100)

@@ -25,6 +25,11 @@ runner = CliRunner()
 REPO = "lab/brainbag-weights"
 
 
+# _brain is a 21 ml block, not a brain: predict's checks refuse it (brain_mask), so the tests
+# that predict on it pass --force (FORCE) to reach the weights
+FORCE = "--force"
+
+
 def _brain(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     data = np.zeros((40, 44, 36), np.float32)
@@ -89,7 +94,7 @@ def test_predict_passes_the_weights_options_through(tmp_path: Path, monkeypatch)
 
 def test_predict_without_weights_says_so_and_how_to_supply_them(tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", str(_brain(tmp_path)), "--rf", "9",
-                                 "--out", str(tmp_path / "o")])
+                                 "--out", str(tmp_path / "o"), FORCE])
     assert result.exit_code == 1
     _one_line_error(result, "no trained weights are installed for RF 9", "--weights",
                     "--manifest", "brainbag weights list")
@@ -158,7 +163,7 @@ def test_predict_by_default_entry_id_offline_and_env_manifest(fake_hub, lab, tmp
     monkeypatch.setenv("BRAINBAG_MANIFEST", str(lab["manifest"]))
     monkeypatch.setenv("BRAINBAG_CACHE_DIR", str(lab["cache"]))
     out = tmp_path / "o"
-    base = ["predict", str(img), "--mode", "full", "--out", str(out)]
+    base = ["predict", str(img), "--mode", "full", "--out", str(out), FORCE]
 
     result = runner.invoke(app, [*base, "--rf", "9", "--offline"])
     assert result.exit_code == 1 and fake_hub.requests == []
@@ -206,7 +211,7 @@ def test_a_manifest_entry_contradicting_its_file_is_refused(fake_hub, tiny_weigh
     manifest = write_manifest(tmp_path / "m.json", raw)
     result = runner.invoke(app, ["predict", str(_brain(tmp_path)), "--weights", "liar-rf9-v1",
                                  "--manifest", str(manifest), "--cache-dir",
-                                 str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+                                 str(tmp_path / "c"), "--out", str(tmp_path / "o"), FORCE])
     assert result.exit_code == 1
     _one_line_error(result, "liar-rf9-v1", "heads ['age']", "fix the manifest entry")
 
@@ -244,7 +249,7 @@ def test_publish_then_download_round_trip(fake_hub, lfs_uploads, tiny_weights, t
     out = tmp_path / "o"
     result = runner.invoke(app, ["predict", str(_brain(tmp_path)), "--rf", "9", "--manifest",
                                  str(manifest), "--cache-dir", str(tmp_path / "user-cache"),
-                                 "--mode", "full", "--out", str(out)])
+                                 "--mode", "full", "--out", str(out), FORCE])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "sub-01" / "prediction.json").read_text())
     assert (saved["weights"]["id"], saved["weights"]["sha256"]) == ("lab-rf9-v3", entry["sha256"])

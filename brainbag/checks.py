@@ -1,0 +1,739 @@
+"""Checks as data: does a scan fit what the model was trained on?
+
+Each check is a small function of a :class:`CheckContext` returning a :class:`CheckResult` (name,
+status, what was found, what is expected, and the fix). :func:`run_checks` runs every check, even
+after one fails; a check whose input is missing (for example the image could not be read) is
+reported as ``skip`` with the reason. ``brainbag check`` renders the results; ``brainbag
+predict`` runs the same list, refuses on ``fail`` (unless ``--force``), records warnings and
+applies fixes (resampling to 1 mm, N4 with ``--n4``).
+
+The model expects a skull-stripped, bias-corrected, 1 mm isotropic T1 of an adult brain. The
+thresholds below are stated with the measurements that justify them (README, "Checks").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from brainbag.errors import BrainbagError, InputError
+from brainbag.io import (
+    MAX_VOXELS,
+    LoadedImage,
+    axis_codes,
+    check_affine,
+    check_data_size,
+    declared_size,
+    format_mm,
+    is_image_path,
+    load_image,
+    read_header,
+    voxel_sizes,
+)
+
+Status = Literal["pass", "warn", "fail", "skip"]
+
+# voxel size: 1 mm passes (as preprocess.needs_resampling decides), coarser than 3 mm or more
+# anisotropic than 3:1 fails (1 mm resampling would invent the missing detail)
+SPACING_TOLERANCE_MM = 0.01
+MAX_VOXEL_MM = 3.0
+MAX_ANISOTROPY = 3.0
+# obliquity is kept (conform never resamples into world axes), so the network sees the brain
+# rotated by this angle: beyond it, the view differs from training more than head tilt does
+MAX_OBLIQUITY_DEG = 30.0
+# skull: volume of the largest non-background object. Measured (README): skull-stripped scans
+# 1.13-2.08 L, skull-on heads 3.09-5.27 L; the threshold is their geometric midpoint.
+SKULL_OBJECT_LITRES = 2.5
+# brain mask volume, litres: pass range, and the wider range beyond which it cannot be a brain
+BRAIN_PASS_LITRES = (0.8, 2.3)
+BRAIN_WARN_LITRES = (0.5, 2.8)
+MAIN_COMPONENT_PASS = 0.95
+MAIN_COMPONENT_WARN = 0.5
+# anatomy: a brain is egg-shaped, broader at the back, so its voxels' A-P coordinate has a
+# positive skewness (measured 0.15-0.30 on 66 brains; 0.01 on a scan whose header swaps axes)
+MIN_AP_SKEWNESS = 0.07
+# field of view: the crop the network was trained on, voxels along x, y, z (1 mm)
+TRAINING_CROP = (160, 160, 128)
+# brain area allowed on an image border (cm^2): the brainstem leaves through the inferior border
+BORDER_CM2 = 1.0
+INFERIOR_BORDER_CM2 = 10.0
+# bias field: N4's field varies < 11 % on bias-corrected scans and templates, 29-49 % on
+# uncorrected ones (README)
+MAX_BIAS = 0.20
+MIN_DISTINCT_VALUES = 10
+STRIPPING_TOOLS = "HD-BET, SynthStrip, FSL bet, ANTs antsBrainExtraction.sh"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One row of a check report."""
+
+    name: str
+    status: Status
+    found: str
+    expected: str
+    hint: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "found": self.found,
+                "expected": self.expected, "hint": self.hint}
+
+    def message(self) -> str:
+        """One line: what failed or warned, what was expected, and the fix."""
+        text = f"{self.name}: {self.found}; expected {self.expected}"
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What the checks need to know about how the scan will be used."""
+
+    mask: Path | None = None
+    resample: bool = True
+    mode: str = "sliding"
+    n4: bool = False
+
+
+@dataclass
+class CheckReport:
+    """Results of every check on one input."""
+
+    path: Path
+    results: list[CheckResult]
+    seconds: float
+    n4: Any = None  # fixes.N4Result when the bias check ran N4 (options.n4)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "fail"]
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "warn"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def get(self, name: str) -> CheckResult:
+        return next(r for r in self.results if r.name == name)
+
+    def failure_message(self) -> str:
+        """One line for the first failed check, naming the file and the others that failed."""
+        first, *rest = self.failures
+        text = f"{self.path}: check {first.message()}"
+        if rest:
+            text += f" (also failed: {', '.join(r.name for r in rest)})"
+        return text + "; --force predicts anyway"
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"path": str(self.path), **r.to_dict()} for r in self.results]
+
+
+class Skip(Exception):
+    """Raised inside a check when what it needs is unavailable; the check is reported as skip."""
+
+
+@dataclass(frozen=True)
+class BrainMask:
+    mask: np.ndarray
+    source: str  # "--mask FILE" or "voxels > 0"
+    litres: float
+    from_file: bool
+
+
+class CheckContext:
+    """The inputs of the checks, computed lazily and once: header, data, brain mask, statistics.
+
+    ``loaded`` and ``mask`` let ``predict`` pass what it has already read.
+    """
+
+    def __init__(self, path: Path, options: CheckOptions, loaded: LoadedImage | None = None,
+                 mask: np.ndarray | None = None) -> None:
+        self.path = Path(path)
+        self.options = options
+        self._loaded = loaded
+        self._mask = mask
+        self._errors: dict[str, str] = {}
+        self._values: dict[str, Any] = {}
+        self.n4: Any = None
+
+    def _cached(self, key: str, compute: Callable[[], Any], skip: str) -> Any:
+        if key in self._errors:
+            raise Skip(f"{skip}: {self._errors[key]}")
+        if key not in self._values:
+            try:
+                self._values[key] = compute()
+            except InputError as exc:
+                self._errors[key] = str(exc)
+                raise Skip(f"{skip}: {exc}") from exc
+        return self._values[key]
+
+    def header(self) -> Any:
+        """The lazily opened image (header only)."""
+        return self._cached("header", lambda: read_header(self.path), "file not readable")
+
+    def loaded(self) -> LoadedImage:
+        """The image data (size guard, dimensions and affine already checked by io)."""
+        if self._loaded is not None:
+            return self._loaded
+        return self._cached("loaded", lambda: load_image(self.path), "image not loaded")  # type: ignore[no-any-return]
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return self.loaded().zooms
+
+    def brain(self) -> BrainMask:
+        """The brain mask the model will use: ``--mask`` or voxels > 0."""
+        return self._cached("brain", self._brain, "no brain mask")  # type: ignore[no-any-return]
+
+    def _brain(self) -> BrainMask:
+        from brainbag.preprocess import load_mask
+
+        loaded = self.loaded()
+        voxel_l = float(np.prod(loaded.zooms)) / 1e6
+        if self._mask is not None or self.options.mask is not None:
+            mask = self._mask
+            if mask is None:
+                assert self.options.mask is not None
+                mask = load_mask(self.options.mask, loaded)
+            mask = np.asarray(mask, dtype=bool)
+            source = f"--mask {self.options.mask.name}" if self.options.mask else "--mask"
+            return BrainMask(mask, source, float(mask.sum()) * voxel_l, True)
+        data = loaded.image.data
+        mask = np.isfinite(data) & (data > 0)
+        return BrainMask(mask, "voxels > 0", float(mask.sum()) * voxel_l, False)
+
+    def head_litres(self) -> float:
+        """Volume of the largest non-background object (holes filled), in litres."""
+        return self._cached("head", self._head_litres, "image not loaded")  # type: ignore[no-any-return]
+
+    def _head_litres(self) -> float:
+        loaded = self.loaded()
+        return head_object_litres(loaded.image.data, loaded.zooms)
+
+    def usable_brain(self) -> BrainMask:
+        """The brain mask, or :class:`Skip` when it cannot stand for the brain."""
+        brain = self.brain()
+        if not brain.from_file and self.head_litres() > SKULL_OBJECT_LITRES:
+            raise Skip("needs a brain mask: the skull is on and no --mask was given")
+        lo, hi = BRAIN_WARN_LITRES
+        if not lo <= brain.litres <= hi:
+            raise Skip(f"needs a plausible brain mask ({brain.source} is {brain.litres:.2f} L)")
+        return brain
+
+
+# --- image statistics --------------------------------------------------------------------------
+
+
+def _sitk(array: np.ndarray, spacing: tuple[float, ...]) -> Any:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    return image
+
+
+def _array(image: Any) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+def head_object_litres(data: np.ndarray, zooms: tuple[float, float, float]) -> float:
+    """Volume in litres of the largest bright object with its holes filled.
+
+    On a copy block-averaged to about 2 mm: voxels above 10 % of the 99th percentile of the
+    positive voxels are tissue; tissue with every enclosed cavity filled (ventricles; the dark
+    skull and CSF inside a scalp), largest connected piece. That is the brain in a skull-stripped
+    scan and the whole head in a scan with skull and scalp.
+    """
+    import SimpleITK as sitk
+
+    factors = [max(1, int(round(2.0 / z))) for z in zooms]
+    clean = np.where(np.isfinite(data), data, 0).astype(np.float32)
+    small = sitk.BinShrink(_sitk(clean, zooms), factors)
+    values = _array(small)
+    positive = values[values > 0]
+    if positive.size == 0:
+        return 0.0
+    tissue = values > 0.1 * float(np.percentile(positive, 99))
+    if not tissue.any():
+        return 0.0
+    # fill before choosing the largest object: a scalp enclosing a dark skull encloses the brain
+    filled = sitk.BinaryFillhole(_sitk(tissue.astype(np.uint8), small.GetSpacing()))
+    components = sitk.ConnectedComponent(filled)
+    largest = _array(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
+    return float(largest.sum() * np.prod(small.GetSpacing()) / 1e6)
+
+
+def component_fractions(mask: np.ndarray) -> tuple[int, float]:
+    """Number of 26-connected components of ``mask`` and the largest one's share of its voxels."""
+    import SimpleITK as sitk
+
+    labels = _array(sitk.ConnectedComponent(_sitk(mask.astype(np.uint8), (1.0, 1.0, 1.0)), True))
+    sizes = np.bincount(labels.ravel())[1:]
+    sizes = sizes[sizes > 0]
+    if sizes.size == 0:
+        return 0, 0.0
+    return int(sizes.size), float(sizes.max() / sizes.sum())
+
+
+def skewness_along_world(mask: np.ndarray, affine: np.ndarray, max_points: int = 400_000
+                         ) -> np.ndarray:
+    """Skewness of the world x, y, z coordinates of the mask's voxels."""
+    idx = np.argwhere(mask)
+    step = max(1, len(idx) // max_points)
+    ijk = idx[::step].T.astype(np.float64)
+    xyz = affine[:3, :3] @ ijk + affine[:3, 3:4]
+    centred = xyz - xyz.mean(axis=1, keepdims=True)
+    m2 = (centred**2).mean(axis=1)
+    m3 = (centred**3).mean(axis=1)
+    return np.asarray(m3 / np.maximum(m2, 1e-12) ** 1.5)
+
+
+def obliquity_degrees(affine: np.ndarray) -> float:
+    """Largest angle between a voxel axis and the world axis closest to it."""
+    import nibabel as nib
+
+    return float(np.degrees(np.max(np.abs(nib.affines.obliquity(affine)))))
+
+
+_FACE_NAMES = {(0, 1): "right", (0, -1): "left", (1, 1): "anterior", (1, -1): "posterior",
+               (2, 1): "superior", (2, -1): "inferior"}
+
+
+def border_contact(mask: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """Brain area (cm^2) on each face of the image box, keyed by anatomical direction."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = voxel_sizes(affine)
+    contact: dict[str, float] = {}
+    for axis in range(3):
+        world, sign = int(ornt[axis, 0]), int(ornt[axis, 1])
+        others = [zooms[a] for a in range(3) if a != axis]
+        pixel_cm2 = others[0] * others[1] / 100.0
+        for end, direction in ((0, -sign), (mask.shape[axis] - 1, sign)):
+            face = np.take(mask, end, axis=axis)
+            contact[_FACE_NAMES[(world, direction)]] = float(face.sum()) * pixel_cm2
+    return contact
+
+
+def brain_extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
+    """Bounding box of the mask along the conformed (closest R, A, S) axes, in mm."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = voxel_sizes(affine)
+    extent = [0.0, 0.0, 0.0]
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size:
+            extent[int(ornt[axis, 0])] = float(hit[-1] - hit[0] + 1) * zooms[axis]
+    return (extent[0], extent[1], extent[2])
+
+
+def _format_name(img: Any) -> str:
+    return {"Nifti1Image": "NIfTI-1", "Nifti2Image": "NIfTI-2", "MGHImage": "MGZ"}.get(
+        type(img).__name__, type(img).__name__)
+
+
+def _xform(header: Any, which: str) -> str:
+    code = int(header[f"{which}_code"])
+    return f"{which} {header.get_value_label(f'{which}_code')} ({code})"
+
+
+def _litres(value: float) -> str:
+    return f"{value:.2f} L"
+
+
+# --- the checks --------------------------------------------------------------------------------
+
+
+def check_file(ctx: CheckContext) -> CheckResult:
+    """Readable as NIfTI or MGZ."""
+    expected = "a readable NIfTI (.nii, .nii.gz) or MGZ (.mgz) image"
+    try:
+        img = ctx.header()
+    except Skip as exc:
+        return CheckResult("file", "fail", ctx._errors.get("header", str(exc)), expected,
+                           "check the path; export the scan to NIfTI (e.g. dcm2niix) if needed")
+    found = f"{_format_name(img)}, {img.header.get_data_dtype()}, " + "x".join(
+        str(n) for n in img.shape)
+    return CheckResult("file", "pass", found, expected)
+
+
+def check_size(ctx: CheckContext) -> CheckResult:
+    """Size guard: the header's voxel count and data size, before anything is allocated."""
+    img = ctx.header()
+    expected = f"at most {MAX_VOXELS / 1e6:.0f} M voxels, and no more data than the file holds"
+    voxels, nbytes = declared_size(img)
+    found = f"{voxels / 1e6:.1f} M voxels, {nbytes / 1e6:.1f} MB of voxel data"
+    try:
+        check_data_size(img, ctx.path)
+    except InputError as exc:
+        return CheckResult("size", "fail", str(exc).split(": ", 1)[-1].split(";")[0], expected,
+                           "the header is corrupt, the file truncated, or this is not one T1 "
+                           "volume: export the scan again", {"voxels": voxels, "bytes": nbytes})
+    return CheckResult("size", "pass", found, expected, values={"voxels": voxels, "bytes": nbytes})
+
+
+def check_dimensions(ctx: CheckContext) -> CheckResult:
+    """3D, or 4D with a single volume."""
+    shape = tuple(int(n) for n in ctx.header().shape)
+    expected = "one 3D volume (3D, or 4D with a single volume)"
+    text = "x".join(str(n) for n in shape)
+    if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+        if min(shape[:3]) < 2:
+            return CheckResult("dimensions", "fail", f"{text}: a single slice", expected,
+                               "brainbag needs a 3D T1 volume, not a 2D slice")
+        found = f"3D {text}" if len(shape) == 3 else f"4D {text} (one volume)"
+        return CheckResult("dimensions", "pass", found, expected)
+    if len(shape) == 4:
+        return CheckResult("dimensions", "fail", f"4D {text}: {shape[3]} volumes", expected,
+                           "extract the T1 volume first (e.g. fslroi in out 0 1)")
+    return CheckResult("dimensions", "fail", f"{len(shape)}D {text}", expected,
+                       "brainbag needs one 3D T1 volume")
+
+
+def check_header(ctx: CheckContext) -> CheckResult:
+    """Voxel sizes and affine sane; qform and sform agree when both are set."""
+    import nibabel as nib
+
+    img = ctx.header()
+    affine = np.asarray(img.affine, dtype=np.float64)
+    expected = "positive finite voxel sizes, an invertible affine, qform = sform when both set"
+    try:
+        check_affine(affine, ctx.path)
+    except InputError as exc:
+        return CheckResult("header", "fail", str(exc).split(" has ", 1)[-1].split(";")[0],
+                           expected, "fix the header's sform/qform (e.g. fslorient) or export "
+                           "the scan again")
+    if not isinstance(img, nib.Nifti1Image):  # MGZ (NIfTI-2 subclasses Nifti1Image)
+        return CheckResult("header", "pass", f"{_format_name(img)} vox2ras", expected)
+    hdr = img.header
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode == 0 and scode == 0:
+        return CheckResult(
+            "header", "warn", "qform_code = sform_code = 0: the header gives no orientation",
+            expected, "left/right and the other axes are guessed; set the orientation (e.g. "
+            "fslorient, or re-export with dcm2niix)")
+    if qcode > 0 and scode > 0:
+        q, s = hdr.get_qform(), hdr.get_sform()
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in img.shape[:3]], indexing="ij"))
+        ijk = np.vstack([corners.reshape(3, -1), np.ones((1, 8))])
+        shift = float(np.abs((q - s) @ ijk)[:3].max())
+        if shift > 1.0:
+            return CheckResult(
+                "header", "warn", f"qform and sform disagree by up to {shift:.1f} mm", expected,
+                "brainbag (like FSL and nibabel) uses the sform; viewers that use the qform "
+                "place the scan elsewhere: fix the header so both agree",
+                {"qform_sform_mm": shift})
+        return CheckResult("header", "pass", f"{_xform(hdr, 'sform')} = {_xform(hdr, 'qform')}",
+                           expected)
+    which, other = ("sform", "qform") if scode else ("qform", "sform")
+    return CheckResult("header", "pass", f"{_xform(hdr, which)}, {other} unset", expected)
+
+
+def check_values(ctx: CheckContext) -> CheckResult:
+    """Finite values, not a constant image."""
+    data = ctx.loaded().image.data
+    expected = "finite values that vary"
+    bad = int((~np.isfinite(data)).sum())
+    if bad:
+        return CheckResult("values", "fail", f"{bad:,} NaN or infinite voxels", expected,
+                           "replace them (e.g. fslmaths in -nan out) and check how the file was "
+                           "made", {"non_finite": bad})
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        return CheckResult("values", "fail", f"every voxel is {lo:g}", expected,
+                           "this image holds no anatomy: check the file")
+    return CheckResult("values", "pass", "all finite, not constant", expected)
+
+
+def check_intensity(ctx: CheckContext) -> CheckResult:
+    """Intensity range and data type plausible for a T1 magnitude image."""
+    loaded = ctx.loaded()
+    data = loaded.image.data
+    expected = (f"a magnitude image: >= {MIN_DISTINCT_VALUES} distinct values, no negative "
+                "values (any scale: brainbag whitens within the brain)")
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        raise Skip("no finite values")
+    lo, hi = float(finite.min()), float(finite.max())
+    found = f"{loaded.dtype}, {lo:.4g} to {hi:.4g}"
+    sample = finite[:: max(1, finite.size // 2_000_000)]
+    distinct = int(np.unique(sample).size)
+    values = {"min": lo, "max": hi, "dtype": loaded.dtype, "distinct_values": distinct}
+    if distinct < MIN_DISTINCT_VALUES:
+        return CheckResult("intensity", "fail", f"{found}: only {distinct} distinct values",
+                           expected, "this looks like a mask or label map, not a T1: pass the "
+                           "T1 image (and the mask with --mask)", values)
+    nonzero = finite[finite != 0]
+    negative = float((nonzero < -0.01 * max(abs(hi), 1e-12)).mean()) if nonzero.size else 0.0
+    values["negative_fraction"] = negative
+    if negative > 0.01:
+        return CheckResult("intensity", "warn", f"{found}: {100 * negative:.0f} % of the "
+                           "non-zero voxels are negative", expected, "looks already normalised "
+                           "(z-scored) or not a magnitude image; brainbag expects raw T1 "
+                           "intensities with a zero background", values)
+    return CheckResult("intensity", "pass", found, expected, values=values)
+
+
+def check_voxel_size(ctx: CheckContext) -> CheckResult:
+    """About 1 mm isotropic passes; other sizes are resampled; very coarse or anisotropic fails."""
+    zooms = ctx.zooms
+    expected = (f"1 mm isotropic (others resampled; fail above {MAX_VOXEL_MM:g} mm or "
+                f"{MAX_ANISOTROPY:g}:1 anisotropy)")
+    found = format_mm(zooms)
+    values = {"voxel_mm": list(zooms)}
+    ratio = max(zooms) / min(zooms)
+    if max(zooms) > MAX_VOXEL_MM or ratio > MAX_ANISOTROPY:
+        what = "too coarse" if max(zooms) > MAX_VOXEL_MM else f"{ratio:.1f}:1 anisotropic"
+        return CheckResult("voxel_size", "fail", f"{found} ({what})", expected,
+                           "the model needs ~1 mm 3D T1 detail: use a 3D T1 acquisition "
+                           "(e.g. MPRAGE) at about 1 mm", values)
+    if all(abs(z - 1.0) <= SPACING_TOLERANCE_MM for z in zooms):
+        return CheckResult("voxel_size", "pass", found, expected, values=values)
+    if not ctx.options.resample:
+        return CheckResult("voxel_size", "fail", f"{found} (not 1 mm, --no-resample)",
+                           expected, "drop --no-resample to let brainbag resample it", values)
+    return CheckResult("voxel_size", "warn", f"{found}: will be resampled to 1 mm isotropic",
+                       expected, "fine for most scans; resample yourself to control the "
+                       "interpolation", values)
+
+
+def check_orientation(ctx: CheckContext) -> CheckResult:
+    """Axis codes and obliquity, reported; reorientation is handled, extreme obliquity warns."""
+    affine = ctx.loaded().image.affine
+    codes = axis_codes(affine)
+    angle = obliquity_degrees(affine)
+    expected = (f"any axis order (reoriented to RAS exactly); obliquity <= "
+                f"{MAX_OBLIQUITY_DEG:g} deg")
+    found = f"{codes}, " + (f"oblique by {angle:.1f} deg" if angle > 0.05 else "not oblique")
+    values = {"axis_codes": codes, "obliquity_deg": angle}
+    if angle > MAX_OBLIQUITY_DEG:
+        return CheckResult("orientation", "warn", found, expected,
+                           "brainbag keeps the oblique grid (no interpolation), so the model "
+                           "sees the brain rotated by this much: reslice it to the scanner "
+                           "axes or a template first", values)
+    return CheckResult("orientation", "pass", found, expected, values=values)
+
+
+def check_skull(ctx: CheckContext) -> CheckResult:
+    """Skull-stripped, or a brain mask given (heuristic: size of the largest bright object)."""
+    litres = ctx.head_litres()
+    expected = (f"skull-stripped (largest object <= {SKULL_OBJECT_LITRES:g} L, a brain), "
+                "or --mask")
+    values = {"object_litres": litres}
+    skull_on = litres > SKULL_OBJECT_LITRES
+    found = (f"skull on: head object {_litres(litres)}" if skull_on
+             else f"skull-stripped: brain object {_litres(litres)}")
+    if skull_on and ctx.options.mask is None and ctx._mask is None:
+        return CheckResult("skull_stripped", "fail", found, expected,
+                           f"strip the skull first ({STRIPPING_TOOLS}) or pass --mask "
+                           "brain_mask.nii.gz", values)
+    if skull_on:
+        found += "; the brain mask removes it"
+    return CheckResult("skull_stripped", "pass", found, expected, values=values)
+
+
+def check_brain_mask(ctx: CheckContext) -> CheckResult:
+    """On the image grid, non-empty, plausible volume, one main connected component."""
+    lo, hi = BRAIN_PASS_LITRES
+    expected = f"{lo:g}-{hi:g} L, one main connected piece, on the image grid"
+    try:
+        brain = ctx.brain()
+    except Skip:
+        if "brain" not in ctx._errors:
+            raise
+        return CheckResult("brain_mask", "fail", ctx._errors["brain"], expected,
+                           "pass a mask on the image's own grid")
+    values: dict[str, Any] = {"source": brain.source, "litres": brain.litres}
+    fix = ("check the mask: it should cover the brain only" if brain.from_file else
+           "brain = voxels > 0, so the image must be skull-stripped with a zero background; "
+           "or pass --mask")
+    if brain.litres == 0:
+        return CheckResult("brain_mask", "fail", f"{brain.source}: empty", expected, fix, values)
+    found = f"{brain.source}: {_litres(brain.litres)}"
+    wlo, whi = BRAIN_WARN_LITRES
+    if not wlo <= brain.litres <= whi:
+        return CheckResult("brain_mask", "fail", f"{found}, not a brain volume", expected, fix,
+                           values)
+    pieces, main = component_fractions(brain.mask)
+    values.update(components=pieces, main_component_fraction=main)
+    if main < MAIN_COMPONENT_WARN:
+        return CheckResult("brain_mask", "fail", f"{found} in {pieces} pieces, the largest "
+                           f"only {100 * main:.0f} %", expected, fix, values)
+    status: Status = "pass"
+    notes = []
+    if not lo <= brain.litres <= hi:
+        status = "warn"
+        notes.append("unusual volume for an adult brain")
+    if main < MAIN_COMPONENT_PASS:
+        status = "warn"
+        notes.append(f"the largest of {pieces} pieces holds {100 * main:.0f} %")
+    if notes:
+        return CheckResult("brain_mask", status, f"{found}; {'; '.join(notes)}", expected, fix,
+                           values)
+    return CheckResult("brain_mask", status, f"{found}, {100 * main:.2f} % in one piece",
+                       expected, values=values)
+
+
+def check_anatomy(ctx: CheckContext) -> CheckResult:
+    """The brain's shape agrees with the header's anterior-posterior axis."""
+    brain = ctx.usable_brain()
+    skew = skewness_along_world(brain.mask, ctx.loaded().image.affine)
+    expected = (f"brain broader at the back than at the front along the header's A-P axis "
+                f"(skewness >= {MIN_AP_SKEWNESS:g})")
+    values = {"skewness_xyz": [round(float(s), 3) for s in skew]}
+    if skew[1] >= MIN_AP_SKEWNESS:
+        return CheckResult("anatomy", "pass", f"front-back shape along the header's A-P axis "
+                           f"(skewness {skew[1]:+.2f})", expected, values=values)
+    axis = int(np.argmax(np.abs(skew)))
+    if axis == 1:
+        where = "reversed along the header's A-P axis (front and back swapped?)"
+    else:
+        where = f"along the header's {('L-R', 'A-P', 'S-I')[axis]} axis, not A-P"
+    found = (f"the brain's front-back asymmetry lies {where} (skewness x {skew[0]:+.2f}, "
+             f"y {skew[1]:+.2f}, z {skew[2]:+.2f})")
+    return CheckResult("anatomy", "warn", found, expected, "the header's orientation may be "
+                       "wrong (axes swapped or flipped): check the scan in a viewer against its "
+                       "labels", values)
+
+
+def check_field_of_view(ctx: CheckContext) -> CheckResult:
+    """The whole brain is in the image; compare it with the training crop."""
+    brain = ctx.usable_brain()
+    affine = ctx.loaded().image.affine
+    extent = brain_extent_mm(brain.mask, affine)
+    contact = border_contact(brain.mask, affine)
+    cut = [f"{side} ({area:.0f} cm^2)" for side, area in contact.items()
+           if area > (INFERIOR_BORDER_CM2 if side == "inferior" else BORDER_CM2)]
+    crop = "x".join(str(c) for c in TRAINING_CROP)
+    size = "x".join(f"{e:.0f}" for e in extent)
+    expected = f"brain inside the image; model trained on {crop} mm crops (x y z)"
+    values = {"brain_extent_mm": list(extent), "border_cm2": contact}
+    if cut:
+        return CheckResult("field_of_view", "warn", f"brain {size} mm touches the image border: "
+                           + ", ".join(cut), expected, "part of the brain may be cut off: use a "
+                           "scan covering the whole brain", values)
+    larger = [ax for ax, e, c in zip("xyz", extent, TRAINING_CROP, strict=True) if e > c]
+    if larger and ctx.options.mode == "full":
+        return CheckResult("field_of_view", "warn", f"brain {size} mm, larger than the crop "
+                           f"along {', '.join(larger)}", expected, "--mode full shows the model "
+                           "the whole brain at once, unlike training: prefer --mode sliding",
+                           values)
+    found = f"brain {size} mm" + (f", larger than the crop along {', '.join(larger)}: sliding "
+                                  "windows cover it" if larger else ", within one crop")
+    return CheckResult("field_of_view", "pass", found, expected, values=values)
+
+
+def check_bias_field(ctx: CheckContext) -> CheckResult:
+    """Low-frequency intensity non-uniformity within the brain, as N4 estimates it."""
+    from brainbag.fixes import estimate_bias, n4_correct
+
+    brain = ctx.usable_brain()
+    loaded = ctx.loaded()
+    expected = f"field variation < {100 * MAX_BIAS:.0f} % (bias-corrected, as in training)"
+    estimate = estimate_bias(loaded.image.data, brain.mask, loaded.zooms)
+    values: dict[str, Any] = {"field_range": estimate.range, "seconds": estimate.seconds}
+    found = f"intensity varies {100 * estimate.range:.0f} % across the brain"
+    if ctx.options.n4:
+        ctx.n4 = n4_correct(loaded.image.data, brain.mask, loaded.zooms)
+        after = estimate_bias(ctx.n4.data, brain.mask, loaded.zooms)
+        values.update(after_n4=after.range, n4_seconds=ctx.n4.seconds)
+        found += (f"; after --n4 {100 * after.range:.0f} % (N4 took {ctx.n4.seconds:.1f} s)")
+        if after.range > MAX_BIAS:
+            return CheckResult("bias_field", "warn", found, expected, "N4 could not flatten it: "
+                               "check the brain mask and the image", values)
+        return CheckResult("bias_field", "pass", found, expected, values=values)
+    if estimate.range > MAX_BIAS:
+        return CheckResult("bias_field", "warn", found, expected, "pass --n4 to correct it "
+                           "(or run N4 before brainbag)", values)
+    return CheckResult("bias_field", "pass", found, expected, values=values)
+
+
+CHECKS: dict[str, Callable[[CheckContext], CheckResult]] = {
+    "file": check_file,
+    "size": check_size,
+    "dimensions": check_dimensions,
+    "header": check_header,
+    "values": check_values,
+    "intensity": check_intensity,
+    "voxel_size": check_voxel_size,
+    "orientation": check_orientation,
+    "skull_stripped": check_skull,
+    "brain_mask": check_brain_mask,
+    "anatomy": check_anatomy,
+    "field_of_view": check_field_of_view,
+    "bias_field": check_bias_field,
+}
+CHECK_NAMES = tuple(CHECKS)
+
+
+def run_checks(
+    path: Path, options: CheckOptions | None = None, loaded: LoadedImage | None = None,
+    mask: np.ndarray | None = None, names: Sequence[str] | None = None,
+) -> CheckReport:
+    """Run every check (or those in ``names``) on one input, in order, whatever their outcome;
+    a check that cannot run is reported as ``skip``.
+
+    ``loaded`` and ``mask`` are used instead of reading the files again (``predict`` has them).
+    """
+    unknown = set(names or ()) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown checks {sorted(unknown)}; known: {', '.join(CHECKS)}")
+    t0 = time.perf_counter()
+    ctx = CheckContext(Path(path), options or CheckOptions(), loaded, mask)
+    results: list[CheckResult] = []
+    for name, check in CHECKS.items():
+        if names is not None and name not in names:
+            continue
+        try:
+            results.append(check(ctx))
+        except Skip as exc:
+            results.append(CheckResult(name, "skip", f"not checked: {exc}", "", ""))
+        except BrainbagError as exc:
+            results.append(CheckResult(name, "fail", str(exc), "", ""))
+    return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4)
+
+
+def find_images(paths: list[Path]) -> list[Path]:
+    """Files as given, and the .nii, .nii.gz and .mgz files found by walking folders (sorted;
+    hidden files and folders skipped). A folder without images is an error."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        images = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and is_image_path(p)
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not images:
+            raise InputError(f"folder {path} holds no .nii, .nii.gz or .mgz files")
+        found += images
+    return found
+
+
+def check_inputs(
+    paths: list[Path], options: CheckOptions,
+    on_report: Callable[[CheckReport], None] | None = None,
+) -> list[CheckReport]:
+    """Run the checks on every image in ``paths`` (files or folders); one report per image."""
+    reports = []
+    for path in find_images(paths):
+        report = run_checks(path, options)
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+    return reports

@@ -1,0 +1,129 @@
+"""``brainbag check``: a table (or JSON) per scan, exit 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_affine, sample, save
+from phantom import head
+from typer.testing import CliRunner
+
+import brainbag.checks
+from brainbag.checks import CHECK_NAMES
+from brainbag.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("scans")
+    (tmp / "study" / "sub-02").mkdir(parents=True)
+    data, affine, brain = head()
+    skull, _, _ = head(skull=True)
+    return {
+        "clean": save(data, affine, tmp / "study" / "clean.nii.gz"),
+        "skull": save(skull, affine, tmp / "study" / "sub-02" / "skull.nii.gz"),
+        "mask": save(brain, affine, tmp / "mask.nii.gz"),
+        "study": tmp / "study",
+    }
+
+
+def test_a_clean_scan_prints_a_table_and_exits_0(scans) -> None:
+    result = runner.invoke(app, ["check", str(scans["clean"])], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "fits, with warnings" in out  # 2 mm voxels are resampled
+    for name in CHECK_NAMES:
+        assert name in out
+    assert "will be resampled to 1 mm" in out
+
+
+def test_a_failing_scan_exits_1_and_names_the_fix(scans) -> None:
+    result = runner.invoke(app, ["check", str(scans["skull"])], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "does not fit the model" in result.stdout and "SynthStrip" in result.stdout
+    masked = runner.invoke(app, ["check", str(scans["skull"]), "--mask", str(scans["mask"])])
+    assert masked.exit_code == 0, masked.output
+
+
+def test_json_report_for_a_folder(scans) -> None:
+    result = runner.invoke(app, ["check", str(scans["study"]), "--json"])
+    assert result.exit_code == 1  # the skull-on scan fails
+    rows = json.loads(result.stdout)
+    assert all(set(r) == {"path", "name", "status", "found", "expected", "hint"} for r in rows)
+    by_path: dict[str, dict[str, str]] = {}
+    for r in rows:
+        by_path.setdefault(Path(r["path"]).name, {})[r["name"]] = r["status"]
+    assert sorted(by_path) == ["clean.nii.gz", "skull.nii.gz"]
+    assert list(by_path["clean.nii.gz"]) == list(CHECK_NAMES)
+    assert by_path["skull.nii.gz"]["skull_stripped"] == "fail"
+    assert "fail" not in by_path["clean.nii.gz"].values()
+
+
+def test_several_inputs_and_a_missing_one(scans, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.nii.gz"
+    result = runner.invoke(app, ["check", str(scans["clean"]), str(missing)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "2 scans checked: 1 with failed checks" in result.stdout
+    assert "not found" in result.stdout
+
+
+def test_usage_errors_exit_2(scans, tmp_path: Path) -> None:
+    two = runner.invoke(app, ["check", str(scans["clean"]), str(scans["clean"]), "--mask",
+                              str(scans["mask"])])
+    assert two.exit_code == 2 and "--mask applies to one input" in two.stderr
+    assert runner.invoke(app, ["check", str(scans["clean"]), "--bogus"]).exit_code == 2
+    assert runner.invoke(app, ["check"]).exit_code == 2
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["check", str(tmp_path / "empty")])
+    assert empty.exit_code == 1 and "holds no .nii" in empty.stderr
+
+
+def test_cli_builds_the_check_options(scans, monkeypatch) -> None:
+    seen = {}
+
+    def fake(paths, options, on_report=None):
+        seen["paths"], seen["options"] = paths, options
+        return []
+
+    monkeypatch.setattr(brainbag.checks, "check_inputs", fake)
+    result = runner.invoke(app, ["check", str(scans["clean"]), "--mask", str(scans["mask"]),
+                                 "--n4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen["paths"] == [scans["clean"]]
+    o = seen["options"]
+    assert (o.mask, o.n4, o.mode, o.resample) == (scans["mask"], True, "sliding", True)
+    assert json.loads(result.stdout) == []
+
+
+@pytest.mark.slow
+def test_check_n4_on_a_real_scan_reports_the_field_left_and_the_time() -> None:
+    scan = sample("beijing_sub08251_mprage_skullstripped.nii.gz")
+    result = runner.invoke(app, ["check", str(scan), "--n4", "--json"])
+    assert result.exit_code == 0, result.output
+    bias = next(r for r in json.loads(result.stdout) if r["name"] == "bias_field")
+    assert bias["status"] == "pass" and "after --n4" in bias["found"] and "N4 took" in bias[
+        "found"]
+
+
+def test_check_on_the_bundled_demo_passes() -> None:
+    demo = Path(__file__).resolve().parents[1] / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"
+    result = runner.invoke(app, ["check", str(demo), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r["status"] for r in json.loads(result.stdout)} == {"pass"}
+
+
+def test_a_text_file_is_reported_not_crashed(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.nii"
+    notes.write_text("hello\n")
+    ones = save(np.ones((4, 4, 4)), make_affine(), tmp_path / "ones.nii")
+    result = runner.invoke(app, ["check", str(notes), str(ones), "--json"])
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)
+    assert {r["name"]: r["status"] for r in rows if r["path"] == str(notes)}["file"] == "fail"
+    assert {r["name"]: r["status"] for r in rows if r["path"] == str(ones)}["values"] == "fail"
