@@ -321,6 +321,24 @@ def test_resume_redoes_changed_failed_and_missing_inputs(tmp_path: Path, tiny_we
     assert {r["rf"] for r in read_tsv(out / "predictions.tsv")} == {"17"}
 
 
+def test_resume_force_redoes_only_the_inputs_that_failed_their_checks(tmp_path: Path,
+                                                                      tiny_weights) -> None:
+    data = tmp_path / "scans"
+    for i in range(2):
+        brain(data / f"s{i}.nii.gz", seed=i)
+    out = tmp_path / "results"
+    base = [data, "--weights", tiny_weights(), "--out", out, "--mode", "full", "--no-png"]
+    assert predict(*base, "--force").exit_code == 0
+    brain(data / "s2.nii.gz", seed=2)  # a new scan, refused by the checks without --force
+    result = predict(*base, "--resume")
+    assert result.exit_code == 1 and "2 done before" in result.stderr
+    assert by_name(read_tsv(out / "predictions.tsv"))["s2.nii.gz"]["status"] == "failed"
+    result = predict(*base, "--resume", "--force")
+    assert result.exit_code == 0 and "2 done before" in result.stderr
+    saved = json.loads((out / "s2" / "prediction.json").read_text())
+    assert saved["checks"]["forced"] is True
+
+
 def test_settings_fingerprint_ignores_speed_and_location_options(tmp_path: Path) -> None:
     base = PredictSettings(out=tmp_path / "a")
     same = PredictSettings(out=tmp_path / "b", jobs=4, png=True, resume=True,
