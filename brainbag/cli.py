@@ -258,8 +258,11 @@ def predict(
         fail(BrainbagError(f"could not read or write a file: {exc}"))
         return
     except KeyboardInterrupt:
-        err.print(f"[bold red]interrupted:[/] finished inputs are in {out}/predictions.tsv; "
-                  "rerun with --resume to do the rest", soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[bold red]interrupted:[/] finished inputs are in "
+                  f"{escape(str(out))}/predictions.tsv; rerun with --resume to do the rest",
+                  soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     summary = summarize(records, time.perf_counter() - t0)
     batch = len(records) > 1 or bool(summary.resumed)
