@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+EXIT_INTERRUPTED = 130
+MAX_TABLE_ROWS = 40  # larger runs print only the summary; the full table is predictions.tsv
 
 
 class Mode(str, Enum):
@@ -110,7 +112,9 @@ OfflineOpt = Annotated[
 def predict(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="T1 image(s): .nii, .nii.gz or .mgz, skull-stripped unless --mask."),
+        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz; skull-stripped unless masked), "
+                       "or one folder of them (searched recursively), one BIDS dataset, or one "
+                       "list file (.txt: one path per line)."),
     ],
     rf: Annotated[
         int | None,
@@ -177,6 +181,30 @@ def predict(
         bool, typer.Option("--save-conformed", help="Also write conformed.nii.gz: the whitened "
                            "1 mm image the model sees, in world register with the input.")
     ] = False,
+    mask_pattern: Annotated[
+        str | None,
+        typer.Option("--mask-pattern", help="Mask next to each image, as a template with "
+                     "{stem} {name} {subject} {session} {prefix}, e.g. '{stem}_mask.nii.gz' "
+                     "(relative to the image's folder). A missing mask fails that input."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish an earlier run in --out: skip inputs done "
+                           "(ok) with the same input, weights and settings; redo the rest.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo every input even if --out already holds "
+                           "results (replacing their outputs and rows).")
+    ] = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=0, help="Worker threads that read and preprocess "
+                          "the next scans while the current one runs; 0 = no overlap.")
+    ] = 1,
+    png: Annotated[
+        bool | None,
+        typer.Option("--png/--no-png", help="Write a PNG per input (three slices with the age "
+                     "map) and index.html [default: on for a folder, dataset, list or several "
+                     "files]."),
+    ] = None,
 ) -> None:
     """Predict brain age and P(female) and write local age and sex maps."""
     from brainbag.inference import InferenceSettings
@@ -206,43 +234,44 @@ def predict(
         force=force,
         n4=n4,
         save_conformed=save_conformed,
+        mask_pattern=mask_pattern,
+        png=png,
+        jobs=jobs,
+        resume=resume,
+        overwrite=overwrite,
     )
-    if mask is not None and len(inputs) > 1:
-        fail(UsageError("--mask applies to one input; give one input per run with --mask"),
-             EXIT_USAGE)
-    from rich.markup import escape
+    import time
+
+    from brainbag.batch import summarize
+    from brainbag.progress import ConsoleObserver, print_summary
 
     console = _console()
     err = _console(stderr=True)
-
-    def show(record: dict[str, Any]) -> None:
-        for warning in record.get("warnings", []):
-            err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-        for fix in record.get("fixes", []):
-            if fix.get("name") != "resample":  # conform's warning already says so
-                err.print(f"[cyan]fixed:[/] {escape(_describe_fix(fix))}", soft_wrap=True)
-        if record.get("status") == "failed":
-            err.print(f"[bold red]failed:[/] {record['error']}", soft_wrap=True)
-
+    t0 = time.perf_counter()
     try:
-        with console.status("predicting...", spinner="dots"):
-            records = run_predict(list(inputs), settings, on_result=show)
+        with ConsoleObserver(err, debug=_state["debug"]) as observer:
+            records = run_predict(list(inputs), settings, observer)
     except BrainbagError as exc:
         fail(exc, exc.exit_code)
         return
     except OSError as exc:
         fail(BrainbagError(f"could not read or write a file: {exc}"))
         return
-    _print_table(console, records, out)
+    except KeyboardInterrupt:
+        from rich.markup import escape
+
+        err.print(f"[bold red]interrupted:[/] finished inputs are in "
+                  f"{escape(str(out))}/predictions.tsv; rerun with --resume to do the rest",
+                  soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    summary = summarize(records, time.perf_counter() - t0)
+    batch = len(records) > 1 or bool(summary.resumed)
+    if len(records) <= MAX_TABLE_ROWS:
+        _print_table(console, records, out, footer=not batch)
+    if batch:
+        print_summary(err, summary, str(out), bool(observer.png))
     if any(r.get("status") != "ok" for r in records):
         raise typer.Exit(EXIT_FAILURE)
-
-
-def _describe_fix(fix: dict[str, Any]) -> str:
-    if fix.get("name") == "n4":
-        return (f"N4 bias-field correction (field varied {fix['field_range_percent']:.0f} %; "
-                f"{fix['seconds']:.1f} s)")
-    return str(fix.get("description", fix.get("name")))
 
 
 @app.command()
@@ -316,7 +345,8 @@ def _print_report(console: Any, report: Any) -> None:
     console.print(table)
 
 
-def _print_table(console: Any, records: list[dict[str, Any]], out: Path) -> None:
+def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer: bool = True
+                 ) -> None:
     from rich.table import Table
 
     table = Table(title="brainbag predictions", show_lines=False)
@@ -327,20 +357,35 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path) -> None
     table.add_column("mode")
     table.add_column("seconds", justify="right")
     table.add_column("status")
+    sessions = any(r.get("session") for r in records)
+    if sessions:
+        table.add_column("session")
     for r in records:
-        age = r.get("age")
-        pf = r.get("p_female")
+        status = str(r.get("status"))
+        shown = {"ok": "[green]ok[/]", "failed": "[red]failed[/]"}.get(status,
+                                                                       f"[yellow]{status}[/]")
+        if r.get("resumed"):
+            shown += " (earlier run)"
         table.add_row(
             str(r.get("subject")),
-            f"{age:.1f}" if age is not None else "-",
-            f"{pf:.2f}" if pf is not None else "-",
+            _number(r.get("age"), 1),
+            _number(r.get("p_female"), 2),
             str(r.get("rf") or "-"),
             str(r.get("mode") or "-"),
-            f"{r.get('seconds', 0):.1f}",
-            "[green]ok[/]" if r.get("status") == "ok" else "[red]failed[/]",
+            _number(r.get("seconds"), 1),
+            shown,
+            *([str(r.get("session") or "")] if sessions else []),
         )
     console.print(table)
-    console.print(f"results in {out}/ (predictions.tsv, <subject>/prediction.json, maps)")
+    if footer:
+        console.print(f"results in {out}/ (predictions.tsv, prediction.json and maps per input)")
+
+
+def _number(value: Any, digits: int) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "-"
 
 
 weights_app = typer.Typer(

@@ -335,6 +335,30 @@ def resample(
     return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
 
 
+def resample_masked(
+    values: np.ndarray,
+    grid_to_values: np.ndarray,
+    out_shape: tuple[int, int, int],
+    out_mask: np.ndarray,
+) -> np.ndarray:
+    """Resample an array that is NaN where it has no value (a map outside the brain) onto a grid.
+
+    ``grid_to_values`` is the index transform from the new grid to ``values``' indices. Linear
+    interpolation of the finite values, normalised by the interpolated weight of finite cells, so
+    NaN cells do not bleed into their neighbours; NaN where ``out_mask`` is False or no finite
+    cell is near.
+    """
+    valid = np.isfinite(values)
+    filled = np.where(valid, values, 0.0).astype(np.float32)
+    num = resample(filled, grid_to_values, out_shape, "linear", extrapolate=True)
+    den = resample(valid.astype(np.float32), grid_to_values, out_shape, "linear",
+                   extrapolate=True)
+    out = np.full(out_shape, np.nan, dtype=np.float32)
+    ok = (den > 1e-3) & np.asarray(out_mask, dtype=bool)
+    out[ok] = num[ok] / den[ok]
+    return out
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import torch
 
 TSV_COLUMNS = (
     "subject", "session", "path", "input_sha256", "status", "age", "p_female", "rf",
-    "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds",
+    "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds", "output",
 )
 
 

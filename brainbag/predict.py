@@ -1,23 +1,28 @@
 """The predict pipeline: load, conform, infer, write; one settings object, one call.
 
-For each input: read the file, run the checks (:mod:`brainbag.checks`; a failed check stops the
-input unless ``force``), apply the requested fixes (N4), conform it (mask, RAS+, 1 mm, whitening),
-run the network (full volume or sliding windows), turn the head outputs into years and
-P(female), and write the subject's folder (``prediction.json``, ``age_map.nii.gz``,
-``sex_map.nii.gz``) by staging it in a hidden folder and renaming it into place.
-``predictions.tsv`` in the output folder gets one row per input (rows for other inputs already
-there are kept).
+For each input, :class:`Predictor` runs two stages: *prepare* (read the file, read its mask, run
+the checks of :mod:`brainbag.checks` (a failed check stops the input unless ``force``), apply the
+requested fixes (N4), conform: mask, RAS+, 1 mm, whitening), which is thread-safe and runs ahead
+of time in worker threads during a batch, and *infer + write* (run the network over the full
+volume or sliding windows, turn the head outputs into years and P(female), and write the input's
+outputs: ``prediction.json``, ``age_map.nii.gz``, ``sex_map.nii.gz`` and optionally
+``conformed.nii.gz`` and ``age_map.png``, staged in a hidden folder and renamed into place).
+
+:func:`run_predict` runs a whole batch (see :mod:`brainbag.discover` for inputs and output
+layout, :mod:`brainbag.batch` for the table and resume): ``predictions.tsv`` gets one row per input,
+saved after every input so a kill at any moment leaves a valid table.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +30,27 @@ from typing import Any, Literal
 import numpy as np
 
 from brainbag import __version__
+from brainbag.batch import (
+    ResultsTable,
+    RunObserver,
+    RunPlan,
+    Staged,
+    check_output_folder,
+    done_before,
+    read_ahead,
+    remove_stale_staging,
+    settings_fingerprint,
+    timed,
+)
 from brainbag.checks import CheckOptions, run_checks
-from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
+from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_description, discover
+from brainbag.errors import (
+    BrainbagError,
+    InputError,
+    ProcessingError,
+    UsageError,
+    WeightsError,
+)
 from brainbag.inference import (
     InferenceSettings,
     MapResult,
@@ -41,23 +65,20 @@ from brainbag.io import (
     load_image,
     make_nifti,
     map_transform,
-    resample,
-    subject_name,
+    resample_masked,
+    sha256_file,
 )
 from brainbag.outputs import (
-    TSV_COLUMNS,
     brain_cells,
     default_mode,
     display_range,
     save_nifti_atomic,
     write_json_atomic,
-    write_tsv_atomic,
 )
 from brainbag.preprocess import Conformed, conform, load_mask
 from brainbag.weights import LoadedWeights, open_weights
 
 MapSpace = Literal["model", "input"]
-TSV_NAME = "predictions.tsv"
 
 
 @dataclass(frozen=True)
@@ -74,11 +95,17 @@ class PredictSettings:
     manifests: tuple[Path, ...] = ()
     cache_dir: Path | None = None
     offline: bool = False
+    mask_pattern: str | None = None
+    png: bool | None = None  # None: on for batch runs (a folder, dataset, list or several files)
+    jobs: int = 1  # worker threads reading and preprocessing the next scans; 0 = no overlap
+    resume: bool = False
+    overwrite: bool = False
     force: bool = False
     n4: bool = False
     save_conformed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (written to every ``prediction.json``)."""
         d = asdict(self)
         d["out"] = str(self.out)
         d["mask"] = str(self.mask) if self.mask else None
@@ -107,6 +134,11 @@ class WeightsProvider:
             hub = HubSettings.from_env(cache_dir=s.cache_dir, offline=s.offline)
             self._loaded = open_weights(s.weights, s.rf, s.manifests, hub)
             self.seconds = time.perf_counter() - t0
+        return self._loaded
+
+    @property
+    def loaded(self) -> LoadedWeights | None:
+        """The weights if :meth:`get` has loaded them, else None."""
         return self._loaded
 
 
@@ -148,19 +180,41 @@ def map_to_input_grid(
     Linear interpolation of the finite values, normalised by the interpolated weight of finite
     cells, so NaN cells do not bleed into the brain; NaN outside the input's brain mask.
     """
-    to_map = np.linalg.inv(map_to_input_index)
-    valid = np.isfinite(values)
-    filled = np.where(valid, values, 0.0).astype(np.float32)
-    num = resample(filled, to_map, loaded.shape, "linear", extrapolate=True)
-    den = resample(valid.astype(np.float32), to_map, loaded.shape, "linear", extrapolate=True)
-    out = np.full(loaded.shape, np.nan, dtype=np.float32)
-    ok = (den > 1e-3) & input_mask
-    out[ok] = num[ok] / den[ok]
-    return out
+    return resample_masked(values, np.linalg.inv(map_to_input_index), loaded.shape, input_mask)
+
+
+@dataclass
+class Prepared:
+    """An input read and conformed, ready for the network (the output of the prepare stage)."""
+
+    item: ScanInput
+    loaded: LoadedImage
+    mask_path: Path | None
+    mask: np.ndarray | None
+    mask_sha256: str | None
+    conformed: Conformed
+    warnings: list[str]
+    timings: dict[str, float]
+    checked: dict[str, Any] = field(default_factory=dict)  # checks run and fixes applied
+
+
+@dataclass
+class Inferred:
+    """The network's outputs for one prepared input."""
+
+    result: MapResult
+    heads: HeadMaps
+    weights: LoadedWeights
+    warnings: list[str]
+    seconds: float
 
 
 class Predictor:
-    """Runs the pipeline for one input at a time with shared settings and weights."""
+    """Runs the pipeline for one input at a time with shared settings and weights.
+
+    :meth:`predict` = :meth:`prepare` (thread-safe: load, mask, conform) then :meth:`infer` and
+    :meth:`write` (in the caller's thread; the model is shared).
+    """
 
     def __init__(self, settings: PredictSettings, weights: LoadedWeights | None = None) -> None:
         """``weights`` overrides ``settings.weights`` with an already loaded model."""
@@ -171,49 +225,39 @@ class Predictor:
             settings.inference.precision, self.device
         )
         self.weights = WeightsProvider(settings, weights)
+        self.fingerprint = settings_fingerprint(settings.to_dict())
 
-    def predict(self, path: Path, mask_path: Path | None = None) -> dict[str, Any]:
+    def predict(self, source: Path | ScanInput, mask_path: Path | None = None) -> dict[str, Any]:
         """Predict one input and write its outputs; returns the prediction record."""
-        t_start = time.perf_counter()
+        item = source if isinstance(source, ScanInput) else ScanInput.single(
+            Path(source), mask_path or self.settings.mask)
+        prepared = self.prepare(item)
+        return self.write(prepared, self.infer(prepared))
+
+    def prepare(self, item: ScanInput) -> Prepared:
+        """Read the input and its mask and conform it. Thread-safe: touches no shared state."""
         timings: dict[str, float] = {}
         warnings: list[str] = []
+        if item.mask_error is not None:
+            raise InputError(item.mask_error)
 
         t0 = time.perf_counter()
-        loaded = load_image(path)
-        mask_path = mask_path or self.settings.mask
-        mask = load_mask(mask_path, loaded) if mask_path is not None else None
+        loaded = load_image(item.path)
+        mask = load_mask(item.mask, loaded) if item.mask is not None else None
+        mask_sha256 = sha256_file(item.mask) if item.mask is not None else None
         timings["load"] = time.perf_counter() - t0
 
-        loaded, checked = self._check_and_fix(loaded, mask, mask_path, warnings, timings)
+        fixed, checked = self._check_and_fix(loaded, mask, item.mask, warnings, timings)
 
         t0 = time.perf_counter()
-        conformed = conform(loaded, mask, allow_resample=self.settings.resample)
+        conformed = conform(fixed, mask, allow_resample=self.settings.resample)
         warnings += conformed.warnings
         if conformed.resampled:
-            checked["fixes"].append(_resample_fix(loaded, conformed))
+            checked["fixes"].append(_resample_fix(fixed, conformed))
         timings["preprocess"] = time.perf_counter() - t0
-
-        weights = self.weights.get()
-        if not weights.meta.trained:
-            warnings.append(
-                f"weights {weights.id} are UNTRAINED (random initialisation): "
-                "the numbers below mean nothing"
-            )
-        if self.precision_warning:
-            warnings.append(self.precision_warning)
-
-        t0 = time.perf_counter()
-        inference = InferenceSettings(**{**asdict(self.settings.inference),
-                                         "precision": self.precision})
-        result = predict_maps(weights.model, conformed.image.data, conformed.background, inference)
-        heads = interpret(result, weights)
-        timings["inference"] = time.perf_counter() - t0
-
-        record = self._write(
-            loaded, mask_path, mask, conformed, result, heads, weights, warnings, timings, t_start,
-            checked,
-        )
-        return record
+        # the PNG shows the input as stored (before N4): ``loaded`` is kept, not ``fixed``
+        return Prepared(item, loaded, item.mask, mask, mask_sha256, conformed, warnings, timings,
+                        checked)
 
     def _check_and_fix(
         self, loaded: LoadedImage, mask: np.ndarray | None, mask_path: Path | None,
@@ -254,22 +298,43 @@ class Predictor:
         }
         return loaded, record
 
+    def infer(self, prepared: Prepared) -> Inferred:
+        """Run the network over a prepared input and convert its outputs to user units."""
+        warnings: list[str] = []
+        weights = self.weights.get()
+        if not weights.meta.trained:
+            warnings.append(
+                f"weights {weights.id} are UNTRAINED (random initialisation): "
+                "the numbers below mean nothing"
+            )
+        if self.precision_warning:
+            warnings.append(self.precision_warning)
+
+        t0 = time.perf_counter()
+        inference = InferenceSettings(**{**asdict(self.settings.inference),
+                                         "precision": self.precision})
+        conformed = prepared.conformed
+        result = predict_maps(weights.model, conformed.image.data, conformed.background, inference)
+        heads = interpret(result, weights)
+        return Inferred(result, heads, weights, warnings, time.perf_counter() - t0)
+
+    def write(self, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
+        """Write the input's outputs (staged, then renamed into place); return its record."""
+        timings = {**prepared.timings, "inference": inferred.seconds}
+        return self._write(prepared, inferred, prepared.warnings + inferred.warnings, timings)
+
     def _write(
         self,
-        loaded: LoadedImage,
-        mask_path: Path | None,
-        input_mask: np.ndarray | None,
-        conformed: Conformed,
-        result: MapResult,
-        heads: HeadMaps,
-        weights: LoadedWeights,
+        prepared: Prepared,
+        inferred: Inferred,
         warnings: list[str],
         timings: dict[str, float],
-        t_start: float,
-        checked: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         t_write = time.perf_counter()
-        subject = subject_name(loaded.path)
+        item, loaded, conformed = prepared.item, prepared.loaded, prepared.conformed
+        result, heads, weights = inferred.result, inferred.heads, inferred.weights
+        mask_path, input_mask = prepared.mask_path, prepared.mask
+        location = item.location
         out_root = self.settings.out
         map_to_conformed = map_transform(result.stride, (0, 0, 0), result.offset)
         map_to_input = conformed.to_input @ map_to_conformed
@@ -286,8 +351,8 @@ class Predictor:
             maps["sex_map"] = (_sigmoid(heads.sex_logit), "sex", "brainbag local P(female)")
 
         record: dict[str, Any] = {
-            "subject": subject,
-            "session": None,
+            "subject": item.subject,
+            "session": item.session,
             "status": "ok",
             "age": heads.age_global,
             "p_female": heads.p_female,
@@ -314,6 +379,7 @@ class Predictor:
             },
             "mask": {
                 "path": str(Path(mask_path).resolve()) if mask_path else None,
+                "sha256": prepared.mask_sha256,
                 "source": "file" if mask_path else "voxels > 0 (input assumed skull-stripped)",
             },
             "conformed": {
@@ -336,10 +402,12 @@ class Predictor:
                 "global_is_mean_over": "all map voxels (network output); see *_brain_cells",
             },
             "outputs": {},
-            **(checked or {}),
+            **prepared.checked,
             "warnings": warnings,
             "settings": self.settings.to_dict(),
+            "settings_fingerprint": self.fingerprint,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "output": location.relative("prediction").as_posix(),
         }
         if heads.age is not None:
             record["map"]["age_mean_brain_cells"] = float(heads.age[cells].mean())
@@ -348,36 +416,71 @@ class Predictor:
                 1 / (1 + np.exp(-heads.sex_logit[cells].astype(np.float64).mean()))
             )
 
-        out_root.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{subject}.partial-", dir=out_root))
+        final = out_root / location.folder
+        stage_parent = final if location.prefix is not None else final.parent
+        stage_parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(
+            prefix=f".{location.prefix or final.name}.partial-", dir=stage_parent))
         os.chmod(stage, default_mode(directory=True))
         try:
+            # the PNG shows the age map (the sex map for a sex-only model)
+            shown: tuple[np.ndarray, tuple[float, float], str] | None = None
             for name, (values, kind, description) in maps.items():
                 values = np.where(cells, values, np.nan).astype(np.float32)
                 cal = display_range(values[cells], kind)
+                if shown is None or kind == "age":
+                    shown = (values, cal, "local predicted age (years)" if kind == "age"
+                             else "local P(female)")
                 if self.settings.map_space == "input":
                     values = map_to_input_grid(values, map_to_input, loaded, brain_in_input)
                     affine = loaded.image.affine
                 else:
                     affine = map_affine
                 img = make_nifti(values, affine, loaded.xform_code, cal, description)
-                save_nifti_atomic(img, stage / f"{name}.nii.gz")
-                record["outputs"][name] = f"{name}.nii.gz"
+                save_nifti_atomic(img, stage / location.name(name))
+                record["outputs"][name] = location.name(name)
             if self.settings.save_conformed:
                 img = make_nifti(conformed.image.data, conformed.image.affine, loaded.xform_code,
                                  description="brainbag conformed input (whitened)")
-                save_nifti_atomic(img, stage / "conformed.nii.gz")
-                record["outputs"]["conformed"] = "conformed.nii.gz"
+                save_nifti_atomic(img, stage / location.name("conformed"))
+                record["outputs"]["conformed"] = location.name("conformed")
+            if self.settings.png and shown is not None:
+                self._draw(stage / location.name("png"), record, prepared, brain_in_input,
+                           map_to_input, *shown)
+                record["outputs"]["png"] = location.name("png")
             timings["write"] = time.perf_counter() - t_write
-            timings["total"] = time.perf_counter() - t_start
+            timings["total"] = sum(timings.values())
             record["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             record["seconds"] = timings["total"]
-            write_json_atomic(stage / "prediction.json", _json_record(record))
-            _publish_dir(stage, out_root / subject)
+            write_json_atomic(stage / location.name("prediction"), _json_record(record))
+            if location.prefix is None:
+                _publish_dir(stage, final)
+            else:
+                _publish_files(stage, final, location)
         finally:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
         return record
+
+    def _draw(
+        self,
+        path: Path,
+        record: dict[str, Any],
+        prepared: Prepared,
+        brain_in_input: np.ndarray,
+        map_to_input: np.ndarray,
+        values: np.ndarray,
+        value_range: tuple[float, float],
+        label: str,
+    ) -> None:
+        from brainbag.report import overlay_views, png_title, save_overlay_png
+
+        views = overlay_views(prepared.loaded, brain_in_input, values, map_to_input)
+        title, subtitle = png_title(record)
+        untrained = not record["weights"]["trained"]
+        warning = "UNTRAINED weights (random initialisation): these numbers mean nothing" \
+            if untrained else None
+        save_overlay_png(path, views, title, subtitle, value_range, warning, label)
 
 
 def _resample_fix(loaded: LoadedImage, conformed: Conformed) -> dict[str, Any]:
@@ -403,8 +506,22 @@ def _publish_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _publish_files(stage: Path, final: Path, location: OutputLocation) -> None:
+    """Move staged files into a shared folder (BIDS ``anat``), ``prediction.json`` last, and
+    remove this input's brainbag files of an earlier run that this run did not write."""
+    prediction = location.name("prediction")
+    written = {p.name for p in stage.iterdir()}
+    for kind in ("age_map", "sex_map", "png", "conformed"):
+        name = location.name(kind)
+        if name not in written:
+            (final / name).unlink(missing_ok=True)
+    for name in sorted(written - {prediction}):
+        os.replace(stage / name, final / name)
+    os.replace(stage / prediction, final / prediction)
+
+
 def _json_record(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in ("status", "seconds")}
+    return {k: v for k, v in record.items() if k not in ("status", "seconds", "output")}
 
 
 def tsv_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -426,73 +543,237 @@ def tsv_record(record: dict[str, Any]) -> dict[str, Any]:
         "warnings": record.get("warnings", []),
         "error": record.get("error"),
         "seconds": record.get("seconds"),
+        "output": record.get("output"),
     }
 
 
-def update_tsv(out: Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Write ``predictions.tsv``: rows of this run replace rows with the same path."""
-    path = out / TSV_NAME
-    new = [tsv_record(r) for r in records]
-    paths = {str(r["path"]) for r in new}
-    kept: list[dict[str, Any]] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh, delimiter="\t"):
-                if row.get("path") not in paths and set(row) >= set(TSV_COLUMNS):
-                    kept.append(row)
-    write_tsv_atomic(path, kept + new)
-    return path
+def _input_sha256(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _failed_record(
+    item: ScanInput,
+    status: str,
+    error: str,
+    seconds: float | None,
+    settings: PredictSettings,
+    weights: LoadedWeights | None,
+) -> dict[str, Any]:
+    return {
+        "subject": item.subject,
+        "session": item.session,
+        "path": str(item.path.resolve()),
+        "input_sha256": _input_sha256(item.path) if status == "failed" else None,
+        "status": status,
+        "error": error,
+        "seconds": seconds,
+        "rf": weights.meta.rf if weights is not None else settings.rf,
+        "mode": settings.inference.mode,
+        "weights": {"id": weights.id, "sha256": weights.sha256} if weights else {},
+        "warnings": [],
+    }
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, BrainbagError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"could not read or write a file: {exc}"
+    return f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+
+
+def _resumed(
+    predictor: Predictor, items: list[ScanInput], table: ResultsTable
+) -> tuple[list[ScanInput], dict[str, dict[str, Any]]]:
+    """Split ``items`` into those to run and the rows of those an earlier run finished."""
+    weights = predictor.weights.get()
+    need = [kind for kind, wanted in (("png", predictor.settings.png),
+                                      ("conformed", predictor.settings.save_conformed)) if wanted]
+    todo: list[ScanInput] = []
+    done: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key = str(item.path.resolve())
+        row = table.get(key)
+        sha = _input_sha256(item.path) if row is not None and item.path.is_file() else None
+        mask_sha = _input_sha256(item.mask) if item.mask is not None else None
+        if sha is not None and (item.mask is None or mask_sha is not None) and done_before(
+            predictor.settings.out, item, row, sha, weights.sha256, predictor.fingerprint,
+            mask_sha, need,
+        ):
+            assert row is not None
+            done[key] = {**row, "resumed": True}
+        else:
+            todo.append(item)
+    return todo, done
 
 
 def run_predict(
     inputs: list[Path],
     settings: PredictSettings,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    observer: RunObserver | None = None,
     keep_going: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every input; with ``keep_going`` (the default for several inputs) an input that
-    fails is recorded as a failed row and the others still run. With one input, its error is
-    raised and nothing is written.
+    """Predict every input (image files, one folder, one BIDS dataset or one list file).
 
-    Errors that concern the whole run (no weights, bad options) always stop it.
+    In a batch (``keep_going``, the default for anything but a single image file) an input that
+    fails is recorded as a failed row and the others still run. With a single image file, its
+    error is raised and nothing is written. Errors that concern the whole run (no weights, bad
+    options, an output folder that already holds results) always stop it.
+
+    Returns one record per input in the run's order: results of this run, rows of inputs an
+    earlier run already finished (``"resumed": True``, with ``--resume``), and ``skipped`` rows
+    of inputs not reached when the run was interrupted (KeyboardInterrupt is re-raised).
     """
-    if keep_going is None:
-        keep_going = len(inputs) > 1
-    subjects: dict[str, Path] = {}
-    for path in inputs:
-        name = subject_name(path)
-        if name in subjects and subjects[name] != path:
-            raise UsageError(
-                f"{path} and {subjects[name]} both map to output folder {name!r}; "
-                "rename one or predict them into different --out folders"
-            )
-        subjects[name] = path
-    predictor = Predictor(settings)
-    records: list[dict[str, Any]] = []
-    try:
-        for path in inputs:
-            t0 = time.perf_counter()
+    discovery = discover(inputs, settings.out, settings.mask, settings.mask_pattern)
+    return run_discovered(discovery, settings, observer, keep_going)
+
+
+def run_discovered(
+    discovery: Discovery,
+    settings: PredictSettings,
+    observer: RunObserver | None = None,
+    keep_going: bool | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_predict` on inputs already discovered."""
+    return BatchRun(discovery, settings, observer, keep_going).run()
+
+
+Outcome = Future[Staged[dict[str, Any]]] | Staged[dict[str, Any]]
+
+
+class BatchRun:
+    """One run over discovered inputs: read ahead, infer, write in the background, and record
+    every result in input order in ``predictions.tsv`` (saved after each one)."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        settings: PredictSettings,
+        observer: RunObserver | None = None,
+        keep_going: bool | None = None,
+    ) -> None:
+        if settings.jobs < 0:
+            raise UsageError(f"--jobs must be >= 0, got {settings.jobs}")
+        if settings.png is None:
+            settings = replace(settings, png=discovery.batch)
+        check_output_folder(settings.out, settings.resume, settings.overwrite)
+        if not discovery.items:
+            where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
+                     else "(.nii, .nii.gz, .mgz)")
+            raise UsageError(f"no T1 image found in {discovery.root} {where}")
+        self.discovery = discovery
+        self.settings = settings
+        self.observer = observer
+        self.keep_going = discovery.batch if keep_going is None else keep_going
+        self.predictor = Predictor(settings)
+        self.records: dict[str, dict[str, Any]] = {}
+        self.pending: deque[tuple[ScanInput, Outcome, float]] = deque()
+        self.wrote = False
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run every input not already done; return one record per input, in input order."""
+        settings = self.settings
+        remove_stale_staging(settings.out)
+        self.table = ResultsTable(settings.out)
+        todo, done = (_resumed(self.predictor, self.discovery.items, self.table)
+                      if settings.resume else (list(self.discovery.items), {}))
+        if self.observer is not None:
+            self.observer.start(RunPlan(self.discovery, todo, list(done.values()), settings.out,
+                                        bool(settings.png)))
+        # one writer thread writes outputs while the next input runs through the network
+        writer = ThreadPoolExecutor(1, thread_name_prefix="brainbag-write") \
+            if settings.jobs else None
+        try:
+            for item, handle in read_ahead(self.predictor.prepare, todo, settings.jobs):
+                self._run_one(item, handle.result(), writer)
+                self._settle(block_until=1)
+            self._settle(block_until=0)
+        except KeyboardInterrupt:
+            self._mark_skipped(todo)
+            raise
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True, cancel_futures=True)
+            if (self.wrote or done) and settings.png:
+                from brainbag.report import write_index
+
+                write_index(settings.out, list(self.table.rows.values()))
+        return [self.records.get(k) or done[k]
+                for k in (str(i.path.resolve()) for i in self.discovery.items)]
+
+    def _run_one(self, item: ScanInput, staged: Staged[Prepared],
+                 writer: ThreadPoolExecutor | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            prepared = staged.get()
+            inferred = self.predictor.infer(prepared)
+        except Exception as exc:
+            record = self._failed(item, exc, staged.seconds + time.perf_counter() - t0)
+            self.pending.append((item, Staged(record, None, 0.0), 0.0))
+            return
+        spent = staged.seconds + time.perf_counter() - t0
+        job = (prepared, inferred)
+        outcome: Outcome = (timed(self._write, job) if writer is None
+                            else writer.submit(timed, self._write, job))
+        self.pending.append((item, outcome, spent))
+
+    def _write(self, job: tuple[Prepared, Inferred]) -> dict[str, Any]:
+        return self.predictor.write(*job)
+
+    def _settle(self, block_until: int) -> None:
+        """Record finished results in input order, waiting while more than ``block_until``
+        are pending."""
+        while self.pending and (len(self.pending) > block_until
+                                or not isinstance(self.pending[0][1], Future)
+                                or self.pending[0][1].done()):
+            item, outcome, spent = self.pending.popleft()
+            staged = outcome.result() if isinstance(outcome, Future) else outcome
             try:
-                record = predictor.predict(Path(path))
-            except (InputError, ProcessingError) as exc:
-                if not keep_going:
-                    raise
-                record = {
-                    "subject": subject_name(path),
-                    "path": str(Path(path).resolve()),
-                    "status": "failed",
-                    "error": str(exc),
-                    "seconds": time.perf_counter() - t0,
-                    "rf": settings.rf,
-                    "mode": settings.inference.mode,
-                }
-            records.append(record)
-            if on_result is not None:
-                on_result(record)
-    finally:
-        if records:
-            update_tsv(settings.out, records)
-    return records
+                record = staged.get()
+            except Exception as exc:
+                record = self._failed(item, exc, spent + staged.seconds)
+            self._keep(item, record)
+
+    def _failed(self, item: ScanInput, exc: BaseException, seconds: float) -> dict[str, Any]:
+        """The failed row of ``item``; re-raises run-level errors and, outside a batch, all."""
+        if isinstance(exc, (WeightsError, UsageError)) or not self.keep_going:
+            raise exc
+        record = _failed_record(item, "failed", _error_text(exc), seconds, self.settings,
+                                self.predictor.weights.loaded)
+        record["traceback"] = "".join(traceback.format_exception(exc))
+        return record
+
+    def _keep(self, item: ScanInput, record: dict[str, Any]) -> None:
+        self.records[str(item.path.resolve())] = record
+        if self.discovery.kind == "bids" and not self.wrote:
+            _write_dataset_description(self.settings.out, self.discovery)
+        self.table.put(tsv_record(record))
+        self.table.save()
+        self.wrote = True
+        if self.observer is not None:
+            self.observer.result(record)
+
+    def _mark_skipped(self, todo: list[ScanInput]) -> None:
+        """Give inputs not reached (and without an earlier row) a ``skipped`` row."""
+        for item in todo:
+            key = str(item.path.resolve())
+            if key not in self.records and self.table.get(key) is None:
+                self.table.put(tsv_record(_failed_record(
+                    item, "skipped", "run interrupted before this input; rerun with --resume",
+                    None, self.settings, self.predictor.weights.loaded)))
+                self.wrote = True
+        if self.wrote:
+            self.table.save()
+
+
+def _write_dataset_description(out: Path, discovery: Discovery) -> None:
+    """``dataset_description.json`` of BIDS derivatives; one written by someone else is kept."""
+    path = out / "dataset_description.json"
+    if not path.exists() and discovery.root is not None:
+        write_json_atomic(path, dataset_description(discovery.root, __version__))
 
 
 __all__ = ["BrainbagError", "PredictSettings", "Predictor", "run_predict"]

@@ -45,7 +45,7 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0
     for option in ("--rf", "--weights", "--mask", "--mode", "--window", "--overlap",
                    "--batch-size", "--device", "--precision", "--no-resample", "--map-space",
-                   "--out"):
+                   "--out", "--mask-pattern", "--resume", "--overwrite", "--jobs", "--png"):
         assert option in result.stdout
 
 
@@ -58,7 +58,7 @@ def test_missing_file_exit_1_one_line(tmp_path: Path) -> None:
 
 
 def test_non_image_file_exit_1_one_line(tmp_path: Path) -> None:
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.json"  # .txt would be read as a list of scans
     notes.write_text("hello\n")
     result = runner.invoke(app, ["predict", str(notes), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
@@ -103,7 +103,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
 def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -> None:
     seen = {}
 
-    def fake_run(inputs, settings, on_result=None):
+    def fake_run(inputs, settings, observer=None):
         seen["inputs"], seen["settings"] = inputs, settings
         return []
 
@@ -113,12 +113,15 @@ def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -
         "predict", str(img), "--rf", "33", "--weights", "w.safetensors", "--mode", "full",
         "--window", "64", "64", "48", "--overlap", "0.5", "--batch-size", "3", "--device", "cpu",
         "--precision", "bf16", "--no-resample", "--map-space", "input", "--out", str(tmp_path),
+        "--mask-pattern", "{stem}_brain.nii.gz", "--jobs", "3", "--no-png", "--resume",
     ])
     assert result.exit_code == 0, result.output
     s = seen["settings"]
     assert seen["inputs"] == [img]
     assert (s.rf, s.weights, s.out, s.resample, s.map_space) == (
         33, "w.safetensors", tmp_path, False, "input")
+    assert (s.mask_pattern, s.jobs, s.png, s.resume, s.overwrite) == (
+        "{stem}_brain.nii.gz", 3, False, True, False)
     inf = s.inference
     assert (inf.mode, inf.window, inf.overlap, inf.batch_size, inf.device, inf.precision) == (
         "full", (64, 64, 48), 0.5, 3, "cpu", "bf16")
@@ -145,9 +148,14 @@ def test_predict_writes_outputs_and_a_table(tmp_path: Path, tiny_weights) -> Non
     assert rows[1].split("\t")[4] == "ok"
     # no staging folders or temporary files left behind
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
-    # a second run replaces the row instead of adding one
+    # a second run into the same folder is refused unless it resumes or overwrites
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
                                  "--out", str(out), "--mode", "full", FORCE])
+    assert result.exit_code == 2
+    _one_line_error(result, str(out), "--resume", "--overwrite")
+    # overwriting replaces the row instead of adding one
+    result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
+                                 "--out", str(out), "--mode", "full", FORCE, "--overwrite"])
     assert result.exit_code == 0
     assert len((out / "predictions.tsv").read_text().splitlines()) == 2
 

@@ -92,5 +92,5 @@ def test_anisotropic_las_input_is_resampled_and_maps_overlay_it(tmp_path, tiny_w
     assert np.isnan(values[~brain]).all()
     assert np.isfinite(values[brain]).mean() > 0.99
     result = runner.invoke(app, ["predict", str(scan), "--weights", str(tiny_weights(rf=33)),
-                                 "--out", str(out), "--no-resample"])
+                                 "--out", str(out), "--no-resample", "--overwrite"])
     assert result.exit_code == 1 and "--no-resample" in result.stderr

@@ -163,7 +163,8 @@ def test_predict_by_default_entry_id_offline_and_env_manifest(fake_hub, lab, tmp
     monkeypatch.setenv("BRAINBAG_MANIFEST", str(lab["manifest"]))
     monkeypatch.setenv("BRAINBAG_CACHE_DIR", str(lab["cache"]))
     out = tmp_path / "o"
-    base = ["predict", str(img), "--mode", "full", "--out", str(out), FORCE]
+    # --overwrite: every run writes into the same folder (a filled folder is refused without it)
+    base = ["predict", str(img), "--mode", "full", "--out", str(out), FORCE, "--overwrite"]
 
     result = runner.invoke(app, [*base, "--rf", "9", "--offline"])
     assert result.exit_code == 1 and fake_hub.requests == []

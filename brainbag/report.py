@@ -1,0 +1,259 @@
+"""Pictures for quick review: one PNG per input and an ``index.html`` for the output folder.
+
+The PNG shows three orthogonal slices through the centre of the brain (sagittal, coronal, axial)
+of the *input* image, with the local age map drawn on top. Slices are taken from the input
+reoriented to closest RAS+ by axis permutation and flips only (no interpolation of the input), and
+the map is resampled onto exactly those slice voxels with the map's own index transform, so every
+coloured pixel sits on the input voxel it describes. Panels are drawn in millimetres (anisotropic
+voxels keep their true aspect), in neurological convention (the subject's left on the left in
+coronal and axial views), with the anatomical directions written at the edges.
+
+matplotlib is imported only inside :func:`save_overlay_png`, through its object-oriented API and
+the Agg canvas (no pyplot, no display, safe in worker threads).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainbag.discover import OutputLocation
+from brainbag.io import LoadedImage, ras_transform, reorient, resample_masked, voxel_sizes
+from brainbag.outputs import write_text_atomic
+
+FIGSIZE_IN = (12.0, 4.6)
+DPI = 100
+#: Pixel size (width, height) of every PNG brainbag writes.
+PNG_SIZE = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))
+VIEWS = (
+    # name, fixed RAS axis, (horizontal, vertical) axes, edge letters (left, right, bottom, top)
+    ("sagittal", 0, (1, 2), ("P", "A", "I", "S")),
+    ("coronal", 1, (0, 2), ("L", "R", "I", "S")),
+    ("axial", 2, (0, 1), ("L", "R", "P", "A")),
+)
+
+
+@dataclass
+class SliceView:
+    """One panel: an input slice and the map on the same pixels.
+
+    ``image[u, v]`` and ``overlay[u, v]`` are indexed (horizontal, vertical), both increasing
+    toward the second and fourth ``letters``; ``extent`` is (left, right, bottom, top) in mm
+    (the panel shows the brain's bounding box plus a margin).
+    ``to_input`` maps ``(u, v)`` (as ``[u, v, 0, 1]``) to indices of the input file's array.
+    """
+
+    name: str
+    image: np.ndarray
+    overlay: np.ndarray
+    extent: tuple[float, float, float, float]
+    letters: tuple[str, str, str, str]
+    to_input: np.ndarray
+
+
+def overlay_views(
+    loaded: LoadedImage,
+    brain: np.ndarray,
+    values: np.ndarray,
+    map_to_input: np.ndarray,
+) -> list[SliceView]:
+    """Sagittal, coronal and axial slices through the brain's centre with the map on them.
+
+    ``brain`` is the brain mask on the input grid, ``values`` the map (NaN outside the brain) and
+    ``map_to_input`` the index transform from map voxels to input voxels.
+    """
+    ornt, ras_to_input = ras_transform(loaded.image.affine, loaded.shape)
+    data = reorient(loaded.image.data, ornt)
+    mask = reorient(np.asarray(brain, dtype=bool), ornt)
+    zooms = voxel_sizes(loaded.image.affine @ ras_to_input)
+    centre = slice_indices(mask, zooms)
+    # every panel shows the brain's bounding box plus a margin, not the whole field of view
+    if mask.any():
+        found = np.argwhere(mask)
+        margin = np.ceil(6.0 / np.array(zooms)).astype(int)
+        lo = np.maximum(found.min(axis=0) - margin, 0)
+        hi = np.minimum(found.max(axis=0) + margin + 1, data.shape)
+    else:
+        lo, hi = np.zeros(3, int), np.array(data.shape)
+    input_to_map = np.linalg.inv(map_to_input)
+    views: list[SliceView] = []
+    for name, axis, (u, v), letters in VIEWS:
+        index = [slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)]
+        index[axis] = slice(int(centre[axis]), int(centre[axis]) + 1)
+        slab_shape = tuple(s.stop - s.start for s in index)
+        slab_to_ras = np.eye(4)
+        slab_to_ras[:3, 3] = [s.start for s in index]
+        slab_to_input = ras_to_input @ slab_to_ras
+        overlay = resample_masked(values, input_to_map @ slab_to_input,
+                                  slab_shape, mask[tuple(index)])  # type: ignore[arg-type]
+        plane = np.eye(4)[:, [u, v, 3]]  # (u, v, 1) -> slab index with the fixed axis at 0
+        to_input = slab_to_input @ np.insert(plane, 2, 0.0, axis=1)
+        u0, v0 = index[u].start, index[v].start
+        views.append(SliceView(
+            name=name,
+            image=np.squeeze(data[tuple(index)], axis=axis),
+            overlay=np.squeeze(overlay, axis=axis),
+            extent=(u0 * zooms[u], (u0 + slab_shape[u]) * zooms[u],
+                    v0 * zooms[v], (v0 + slab_shape[v]) * zooms[v]),
+            letters=letters,
+            to_input=to_input,
+        ))
+    return views
+
+
+def slice_indices(mask: np.ndarray, zooms: tuple[float, float, float],
+                  search_mm: float = 20.0) -> np.ndarray:
+    """Slices through the brain's centre of mass; the sagittal one moved to the slice with the
+    most brain voxels within ``search_mm`` of the centre, away from the sparse midline."""
+    if not mask.any():
+        return (np.array(mask.shape) - 1) // 2
+    centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int)
+    chosen = centre.copy()
+    for axis in (0,):
+        other = tuple(a for a in range(3) if a != axis)
+        area = mask.sum(axis=other)
+        reach = int(search_mm / zooms[axis])
+        lo, hi = max(0, centre[axis] - reach), min(mask.shape[axis], centre[axis] + reach + 1)
+        chosen[axis] = lo + int(np.argmax(area[lo:hi]))
+    return chosen
+
+
+def save_overlay_png(
+    path: Path,
+    views: list[SliceView],
+    title: str,
+    subtitle: str,
+    value_range: tuple[float, float],
+    warning: str | None = None,
+    label: str = "local predicted age (years)",
+) -> None:
+    """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, facecolor="black")
+    FigureCanvasAgg(fig)
+    image_values = np.concatenate([view.image[view.image > 0].ravel() for view in views])
+    lo, hi = (np.percentile(image_values, [1, 99.5]) if image_values.size
+              else (0.0, 1.0))
+    shown = None
+    for i, view in enumerate(views):
+        ax = fig.add_axes((0.01 + i * 0.305, 0.02, 0.29, 0.78))
+        ax.set_facecolor("black")
+        ax.imshow(view.image.T, cmap="gray", origin="lower", extent=view.extent,
+                  vmin=float(lo), vmax=float(hi), interpolation="nearest")
+        shown = ax.imshow(np.ma.masked_invalid(view.overlay.T), cmap="turbo", alpha=0.55,
+                          origin="lower", extent=view.extent, vmin=value_range[0],
+                          vmax=value_range[1], interpolation="nearest")
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        x0, x1, y0, y1 = view.extent
+        xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+        left, right, bottom, top = view.letters
+        for x, y, letter, ha, va in ((x0, ym, left, "left", "center"),
+                                     (x1, ym, right, "right", "center"),
+                                     (xm, y0, bottom, "center", "bottom"),
+                                     (xm, y1, top, "center", "top")):
+            ax.text(x, y, letter, ha=ha, va=va, color="white", fontsize=11, fontweight="bold")
+        ax.text(0.0, 1.0, view.name, ha="left", va="top", color="0.7", fontsize=9,
+                transform=ax.transAxes)
+    if shown is not None:
+        cax = fig.add_axes((0.93, 0.08, 0.015, 0.68))
+        bar = fig.colorbar(shown, cax=cax)
+        bar.set_label(label, color="white")
+        bar.ax.tick_params(colors="white")
+    fig.text(0.5, 0.955, title, ha="center", va="center", color="white", fontsize=14,
+             fontweight="bold")
+    fig.text(0.5, 0.895, subtitle, ha="center", va="center", color="0.75", fontsize=9)
+    if warning:
+        fig.text(0.5, 0.85, warning, ha="center", va="center", color="#ff4d4d", fontsize=10,
+                 fontweight="bold")
+    path = Path(path)
+    with open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI, facecolor="black")
+
+
+def png_title(record: dict[str, Any]) -> tuple[str, str]:
+    """Title (ids, age, sex) and subtitle (model, mode) of one input's PNG."""
+    ids = " ".join(str(x) for x in (record.get("subject"), record.get("session")) if x)
+    parts = [ids]
+    if record.get("age") is not None:
+        parts.append(f"age {record['age']:.1f} y")
+    p_female = record.get("p_female")
+    if p_female is not None:
+        parts.append(f"sex {'F' if p_female >= 0.5 else 'M'} (P(female) {p_female:.2f})")
+    weights = record.get("weights") or {}
+    subtitle = (f"RF {record.get('rf')} mm · weights {weights.get('id')} · "
+                f"{record.get('mode')} · {Path(str((record.get('input') or {}).get('path'))).name}")
+    return "   ·   ".join(parts), subtitle
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; background: #111; color: #ddd; margin: 1.5em; }}
+h1 {{ font-size: 1.3em; }} a {{ color: #9cf; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(600px, 1fr));
+         gap: 1em; }}
+figure {{ margin: 0; background: #000; padding: .5em; }} img {{ width: 100%; }}
+figcaption {{ font-size: .9em; padding-top: .3em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+td, th {{ border: 1px solid #444; padding: .2em .5em; text-align: left; }}
+.failed {{ color: #ff6b6b; }} .warn {{ color: #ffcc66; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{counts} · table: <a href="predictions.tsv">predictions.tsv</a></p>
+{failures}
+<div class="grid">
+{cards}
+</div>
+</body></html>
+"""
+
+
+def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag predictions"
+                ) -> Path:
+    """Write ``out/index.html``: every input's PNG with its numbers, failures listed first."""
+    e = html.escape
+    ok = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    skipped = [r for r in rows if r.get("status") == "skipped"]
+    cards = []
+    for row in ok:
+        ids = " ".join(x for x in (row.get("subject"), row.get("session")) if x)
+        numbers = f"age {_num(row.get('age'), 1)} · P(female) {_num(row.get('p_female'), 2)}"
+        warn = ("<br><span class='failed'>UNTRAINED weights: the numbers mean nothing</span>"
+                if "UNTRAINED" in str(row.get("warnings")) else "")
+        picture = "<p>(no picture)</p>"
+        if row.get("output"):
+            png = OutputLocation.from_prediction(str(row["output"])).relative("png")
+            if (out / png).exists():
+                picture = (f"<a href='{e(png.as_posix())}'><img loading='lazy' "
+                           f"src='{e(png.as_posix())}' alt='{e(ids)}'></a>")
+        cards.append(f"<figure>{picture}<figcaption><b>{e(ids)}</b> · {e(numbers)} · RF "
+                     f"{e(str(row.get('rf')))} · {e(str(row.get('weights_id')))}{warn}"
+                     "</figcaption></figure>")
+    failures = ""
+    if failed or skipped:
+        lines = "".join(
+            f"<tr><td class='failed'>{e(str(r.get('status')))}</td><td>{e(str(r.get('path')))}"
+            f"</td><td>{e(str(r.get('error')))}</td></tr>" for r in failed + skipped)
+        failures = f"<table><tr><th>status</th><th>input</th><th>reason</th></tr>{lines}</table>"
+    counts = f"{len(ok)} ok, {len(failed)} failed" + (f", {len(skipped)} skipped"
+                                                      if skipped else "")
+    page = _PAGE.format(title=e(title), counts=e(counts), failures=failures,
+                        cards="\n".join(cards))
+    path = Path(out) / "index.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _num(value: Any, digits: int) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "-"

@@ -1,0 +1,170 @@
+"""The review pictures: the map drawn on the input lands on the voxels it describes.
+
+The geometry oracle is the one of test_geometry: the input is a linear function of world position
+inside a ball and the probe model outputs, at each map voxel, the whitened input at the voxel it is
+centred on. So wherever the drawn map is interpolated from brain cells only, it must equal the
+whitened input at that pixel's own world position, and the panel's pixel axes must point in the
+anatomical directions written at their edges.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import linear_field, make_affine, save
+from test_geometry import RADIUS, _probe_weights, _scan
+
+from brainbag.inference import InferenceSettings
+from brainbag.io import load_image
+from brainbag.predict import Predictor, PredictSettings
+from brainbag.report import PNG_SIZE, overlay_views, write_index
+
+DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
+              "S": (0, 0, 1), "I": (0, 0, -1)}
+
+
+def _predict(tmp_path: Path, path: Path, png: bool = True) -> dict:
+    settings = PredictSettings(
+        out=tmp_path / "out", png=png, force=True,  # a ball, not a brain: the checks refuse it
+        inference=InferenceSettings(mode="full", device="cpu"),
+    )
+    return Predictor(settings, weights=_probe_weights("same")).predict(path)
+
+
+@pytest.mark.parametrize("case", ["LAS-1mm", "PIR-permuted", "oblique-anisotropic"])
+def test_overlay_lands_on_the_input_voxels_it_describes(tmp_path: Path, case: str) -> None:
+    path, centre = _scan(tmp_path, case)
+    record = _predict(tmp_path, path, png=False)
+    loaded = load_image(path)
+    age = nib.load(tmp_path / "out" / record["subject"] / "age_map.nii.gz")
+    # the map's placement comes from the written file's affine, as a viewer would read it
+    map_to_input = np.linalg.inv(loaded.image.affine) @ age.affine
+    views = overlay_views(loaded, loaded.image.data > 0, np.asarray(age.dataobj), map_to_input)
+    mean, std = record["whitening"]["mean"], record["whitening"]["std"]
+    inner = RADIUS - 8 * np.sqrt(3) - 2.0  # every map cell used by the interpolation is inside
+
+    assert [v.name for v in views] == ["sagittal", "coronal", "axial"]
+    for view in views:
+        nu, nv = view.image.shape
+        uv = np.stack(np.meshgrid(np.arange(nu), np.arange(nv), indexing="ij")).reshape(2, -1)
+        homog = np.vstack([uv, np.zeros(uv.shape[1]), np.ones(uv.shape[1])])
+        ijk = view.to_input @ homog
+        # the background is the input itself: exact voxels, no interpolation
+        assert np.allclose(ijk[:3], np.round(ijk[:3]))
+        idx = tuple(np.round(ijk[:3]).astype(int))
+        np.testing.assert_array_equal(view.image.ravel(), loaded.image.data[idx])
+        xyz = (loaded.image.affine @ ijk)[:3]
+        # pixel axes point where the letters say (to within the obliquity of the scan)
+        for axis, letter in ((0, view.letters[1]), (1, view.letters[3])):
+            step = np.zeros(4)
+            step[axis] = 1.0
+            direction = (loaded.image.affine @ view.to_input @ step)[:3]
+            cosine = direction @ DIRECTIONS[letter] / np.linalg.norm(direction)
+            assert cosine > 0.8, (view.name, letter, direction)
+        # the drawn map = the whitened input at each pixel's own world position
+        inside = np.linalg.norm(xyz - centre[:, None], axis=0) < inner
+        assert inside.sum() > 50, view.name
+        overlay = view.overlay.ravel()[inside]
+        expected = (linear_field(xyz[:, inside]) - mean) / std
+        np.testing.assert_allclose(overlay, expected, atol=2e-3, err_msg=view.name)
+        # outside the brain nothing is drawn
+        assert np.isnan(view.overlay.ravel()[view.image.ravel() == 0]).all()
+        # panels are drawn in mm: the extent is the slice's physical size
+        zu, zv = (np.linalg.norm((loaded.image.affine @ view.to_input)[:3, a]) for a in (0, 1))
+        x0, x1, y0, y1 = view.extent
+        np.testing.assert_allclose((x1 - x0, y1 - y0), (nu * zu, nv * zv), rtol=1e-6)
+
+
+def test_png_is_a_real_image_of_the_documented_size(tmp_path: Path, tiny_weights) -> None:
+    from matplotlib.image import imread
+
+    path, _ = _scan(tmp_path, "oblique-anisotropic")
+    settings = PredictSettings(out=tmp_path / "out", weights=str(tiny_weights()), png=True,
+                               force=True, inference=InferenceSettings(mode="full"))
+    record = Predictor(settings).predict(path)
+    png = tmp_path / "out" / record["subject"] / "age_map.png"
+    assert record["outputs"]["png"] == "age_map.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(png)
+    assert pixels.shape[:2] == (PNG_SIZE[1], PNG_SIZE[0])
+    rgb = pixels[..., :3]
+    assert rgb.std() > 0.05  # not a blank canvas
+    colourful = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # the coloured map, not just grey
+    assert colourful.mean() > 0.02
+    saved = json.loads((tmp_path / "out" / record["subject"] / "prediction.json").read_text())
+    assert saved["outputs"]["png"] == "age_map.png"
+
+
+def test_index_html_shows_every_picture_with_its_numbers(tmp_path: Path) -> None:
+    out = tmp_path
+    (out / "a").mkdir()
+    (out / "a" / "age_map.png").write_bytes(b"\x89PNG")
+    (out / "sub-01" / "anat").mkdir(parents=True)
+    (out / "sub-01" / "anat" / "sub-01_desc-age_map.png").write_bytes(b"\x89PNG")
+    rows = [
+        {"subject": "a", "session": "", "path": "/d/a.nii.gz", "status": "ok", "age": "61.25",
+         "p_female": "0.3", "rf": "9", "weights_id": "w", "warnings": "", "output":
+         "a/prediction.json"},
+        {"subject": "sub-01", "session": "", "path": "/d/sub-01_T1w.nii.gz", "status": "ok",
+         "age": "40", "p_female": "0.9", "rf": "9", "weights_id": "w",
+         "warnings": "weights w are UNTRAINED", "output": "sub-01/anat/sub-01_prediction.json"},
+        {"subject": "<b>", "session": "", "path": "/d/<b>.nii", "status": "failed",
+         "error": "input /d/<b>.nii is not a NIfTI", "output": ""},
+    ]
+    page = write_index(out, rows).read_text()
+    assert "src='a/age_map.png'" in page and "age 61.2" in page and "P(female) 0.30" in page
+    assert "src='sub-01/anat/sub-01_desc-age_map.png'" in page and "UNTRAINED" in page
+    assert "is not a NIfTI" in page and "<b>" not in page.replace("<b>a", "").replace(
+        "<b>sub-01", "")  # user text is escaped
+    assert "2 ok, 1 failed" in page
+
+
+def test_png_of_an_mgz_with_a_mask_file(tmp_path: Path, tiny_weights) -> None:
+    """A skull-on-like input with a separate mask: the overlay follows the mask, not voxels > 0."""
+    shape = (40, 44, 36)
+    data = np.full(shape, 30.0, np.float32)  # "skull": non-zero everywhere
+    data[8:32, 8:36, 8:28] = np.random.default_rng(0).uniform(50, 150, (24, 28, 20))
+    mask = np.zeros(shape, np.float32)
+    mask[8:32, 8:36, 8:28] = 1
+    affine = make_affine(flips=(-1, -1, 1))
+    img = nib.MGHImage(data, affine)
+    nib.save(img, str(tmp_path / "scan.mgz"))
+    save(mask, affine, tmp_path / "scan_mask.nii.gz")
+    loaded = load_image(tmp_path / "scan.mgz")
+    settings = PredictSettings(out=tmp_path / "out", weights=str(tiny_weights()), png=True,
+                               mask=tmp_path / "scan_mask.nii.gz", force=True,
+                               inference=InferenceSettings(mode="full"))
+    record = Predictor(settings).predict(tmp_path / "scan.mgz")
+    assert (tmp_path / "out" / "scan" / "age_map.png").exists()
+    age = nib.load(tmp_path / "out" / "scan" / "age_map.nii.gz")
+    views = overlay_views(loaded, mask > 0, np.asarray(age.dataobj),
+                          np.linalg.inv(loaded.image.affine) @ age.affine)
+    for view in views:
+        drawn = np.isfinite(view.overlay)
+        assert drawn.any() and not drawn[view.image == 30.0].any()
+    assert record["mask"]["sha256"] is not None
+
+
+def test_matplotlib_is_imported_only_to_draw() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import brainbag.cli, brainbag.predict, brainbag.report; "
+            "print('matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False"]
+
+
+def test_a_sex_only_model_gets_a_picture_of_its_sex_map(tmp_path: Path, tiny_weights) -> None:
+    path, _ = _scan(tmp_path, "LAS-1mm")
+    settings = PredictSettings(out=tmp_path / "out", png=True, force=True,
+                               weights=str(tiny_weights(heads=("sex",))),
+                               inference=InferenceSettings(mode="full"))
+    record = Predictor(settings).predict(path)
+    assert record["age"] is None and record["outputs"]["png"] == "age_map.png"
+    assert (tmp_path / "out" / record["subject"] / "age_map.png").stat().st_size > 1000
