@@ -44,6 +44,39 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         split_every=5)
 
 
+def test_training_learns_age_from_local_texture(tmp_path: Path) -> None:
+    """A narrow RF-9 BagNet trained by `brainbag train` for a few CPU minutes predicts the age of
+    held-out subjects (through the predict path) far better than their mean age does."""
+    from brainbag.evaluate import EvaluateSettings, run_evaluate
+    from brainbag.inference import InferenceSettings
+
+    data = make_dataset(tmp_path / "data", 60, shape=(48, 48, 48), seed=0, split_every=5)
+    out = tmp_path / "run"
+    # 80 epochs x 5 steps of 8 crops of 40^3: about a minute on 2 CPU cores. Seeds 0-6 of this
+    # setting gave test MAE 0.11-0.55 x the baseline (r 0.91-0.99) when it was tuned.
+    config = TrainConfig(data=str(data), out=str(out), rf=9, task="age", width=4,
+                         crop=[40, 40, 40], batch_size=8, lr=5e-3, lr_step_epochs=0, epochs=80,
+                         val_every=10, seed=0, device="cpu", workers=2)
+    t0 = time.perf_counter()
+    result = run_training(config, QuietReporter())
+    minutes = (time.perf_counter() - t0) / 60
+    ev = run_evaluate(EvaluateSettings(
+        data=data, weights=(result.weights,), split="test", out=tmp_path / "eval",
+        inference=InferenceSettings(mode="sliding", window=(40, 40, 40), device="cpu"),
+        plot=False))[0]
+    rows = ev.rows
+    train_ages = [float(line.split("\t")[3]) for line in
+                  (out / "splits.tsv").read_text().splitlines()[1:]
+                  if line.split("\t")[2] == "train"]
+    baseline = float(np.mean([abs(r["age"] - np.mean(train_ages)) for r in rows]))
+    mae = ev.metrics["age"]["mae"]
+    print(f"trained {result.epochs} epochs in {minutes:.1f} min; test MAE {mae:.2f} y vs "
+          f"predict-the-mean {baseline:.2f} y (n {len(rows)}); r {ev.metrics['age']['r']:.2f}")
+    assert len(rows) == 12
+    assert mae < 0.6 * baseline, (mae, baseline)
+    assert ev.metrics["age"]["r"] > 0.7
+
+
 def _config(data: Path, out: Path, **kw: Any) -> TrainConfig:
     values = dict(data=str(data), out=str(out), width=2, crop=[16, 16, 16], batch_size=4,
                   epochs=3, device="cpu", workers=1)
@@ -249,3 +282,47 @@ def test_ddp_with_two_gloo_processes_runs_an_epoch_like_one_process(
     wb = load_weights(ddp / "weights.safetensors").model.state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_cli_builds_the_config_it_was_asked_for(tmp_path: Path, monkeypatch) -> None:
+    import brainbag.train
+
+    seen: dict[str, Any] = {}
+
+    def fake(config, reporter=None, resume=False, explicit=()):
+        seen.update(config=config, resume=resume, explicit=set(explicit))
+        return brainbag.train.TrainResult(out=Path(config.out), epochs=0, best_epoch=None,
+                                          best={}, weights=Path("w"))
+
+    monkeypatch.setattr(brainbag.train, "run_training", fake)
+    result = runner.invoke(app, [
+        "train", "data.tsv", "--recipe", "camcan-paper", "--out", str(tmp_path / "r"),
+        "--rf", "33", "--task", "age", "--epochs", "7", "--batch-size", "8", "--micro-batch",
+        "2", "--crop", "96", "96", "64", "--lr", "0.0005", "--device", "cpu", "--seed", "5",
+        "--precision", "fp32", "--val-view", "full", "--compile", "--resume"])
+    assert result.exit_code == 0, result.output
+    c = seen["config"]
+    assert (c.data, c.out, c.recipe, c.rf, c.task, c.epochs, c.batch_size, c.micro_batch) == (
+        "data.tsv", str(tmp_path / "r"), "camcan-paper", 33, "age", 7, 8, 2)
+    assert (c.crop, c.lr, c.device, c.seed, c.precision, c.val_view, c.compile) == (
+        [96, 96, 64], 5e-4, "cpu", 5, "fp32", "full", True)
+    assert c.weight_decay == 1e-4 and c.split.endswith("training/splits/camcan")  # recipe
+    assert seen["resume"] and {"rf", "epochs", "lr", "weight_decay"} <= seen["explicit"]
+    assert "width" not in seen["explicit"]
+    for args in (["--rf", "13"], ["--task", "height"], ["--crop", "0", "8", "8"],
+                 ["--recipe", "nope"]):
+        bad = runner.invoke(app, ["train", "data.tsv", *args])
+        assert bad.exit_code == 2, (args, bad.output)
+
+
+def test_train_and_evaluate_help_list_their_options() -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    for option in ("--recipe", "--split", "--rf", "--task", "--epochs", "--batch-size",
+                   "--micro-batch", "--crop", "--lr", "--device", "--precision", "--seed",
+                   "--resume", "--compile", "--width", "--val-view", "--data-licence"):
+        assert option in result.stdout, option
+    result = runner.invoke(app, ["evaluate", "--help"])
+    assert result.exit_code == 0
+    for option in ("--weights", "--split", "--split-file", "--mode", "--out", "--no-plot"):
+        assert option in result.stdout, option
