@@ -637,6 +637,216 @@ def weights_publish(
     typer.echo(json.dumps(result.entry.to_dict(), indent=2))
 
 
+class Task(str, Enum):
+    age = "age"
+    sex = "sex"
+    both = "both"
+
+
+class TrainPrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ValView(str, Enum):
+    centre = "centre"
+    full = "full"
+
+
+class SplitName(str, Enum):
+    all = "all"
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path,
+        typer.Argument(help="BIDS folder, participants table (.tsv: participant_id, age, sex, "
+                       "t1w[, mask, split]) or Cam-CAN image folder (with --split)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/brainbag"),
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", help="Recipe name in training/recipes (e.g. camcan-paper) or a "
+                     ".toml path [default: the paper's hyperparameters]."),
+    ] = None,
+    split: Annotated[
+        Path | None,
+        typer.Option("--split", help="Split folder (train/val/test .csv) or splits.tsv "
+                     "[default: the table's split column, else random by subject]."),
+    ] = None,
+    rf: Annotated[int | None, typer.Option("--rf", help="Receptive field: 9, 17, 33 or 177 "
+                                           "[default: 9].")] = None,
+    task: Annotated[Task | None, typer.Option("--task", help="age, sex or both (one network, "
+                                              "two heads) [default: both].")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="[default: 500]")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Effective batch [default: 16].")] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option("--micro-batch", help="Samples per forward pass (same gradient, less "
+                     "memory) [default: the whole batch]."),
+    ] = None,
+    crop: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--crop", help="Random crop size x y z [default: 160 160 128]."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate "
+                                             "[default: 1e-3].")] = None,
+    device: Annotated[
+        Device | None, typer.Option("--device", help="auto = cuda when available.")] = None,
+    precision: Annotated[
+        TrainPrecision | None,
+        typer.Option("--precision", help="auto = bf16 autocast on GPU, fp32 on CPU."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="[default: 42]")] = None,
+    width: Annotated[
+        int | None,
+        typer.Option("--width", help="Stem channels (32 = the paper's half-width ResNet-50); "
+                     "smaller for quick experiments."),
+    ] = None,
+    val_view: Annotated[
+        ValView | None,
+        typer.Option("--val-view", help="Validation view: centre crop or full volume "
+                     "[default: centre]."),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Random split: share of subjects "
+                                   "for validation [default: 0.1].")] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option("--test-fraction", help="Random split: share of subjects "
+                                   "held out for test [default: 0.2].")] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the network.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Threads loading volumes [default: 4].")
+    ] = None,
+    data_name: Annotated[
+        str | None, typer.Option("--data-name", help="Training data name for the weights "
+                                 "metadata [default: from the data].")] = None,
+    data_licence: Annotated[
+        str | None, typer.Option("--data-licence", help="Licence of the training data, "
+                                 "recorded in the weights and model card.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last.ckpt.")
+    ] = False,
+) -> None:
+    """Train a BagNet-3D (the seed recipe by default) into a run folder."""
+    from brainbag.config import resolve
+
+    flags = {
+        "split": str(split) if split is not None else None, "rf": rf,
+        "task": task.value if task else None, "epochs": epochs, "batch_size": batch_size,
+        "micro_batch": micro_batch, "crop": list(crop) if crop else None, "lr": lr,
+        "device": device.value if device else None,
+        "precision": precision.value if precision else None, "seed": seed, "width": width,
+        "val_view": val_view.value if val_view else None, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "compile": compile_model, "workers": workers,
+        "data_name": data_name, "data_licence": data_licence,
+    }
+    try:
+        config, explicit = resolve(str(data), str(out), recipe, flags)
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+        return
+    console = _console()
+    from brainbag.train import ConsoleReporter, TrainingInterrupted, run_training
+
+    try:
+        result = run_training(config, ConsoleReporter(console), resume, explicit)
+    except TrainingInterrupted as exc:
+        _console(stderr=True).print(f"[yellow]stopped:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[yellow]stopped:[/] interrupted before training started; "
+                                    "nothing was saved")
+        raise typer.Exit(130) from None
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+        return
+    except OSError as exc:
+        fail(BrainbagError(f"could not read or write a file: {exc}"))
+        return
+    if result.main:
+        console.print(f"done: {result.epochs} epochs; best epoch {result.best_epoch}; "
+                      f"weights in {result.weights}", soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
+    weights: Annotated[
+        list[Path], typer.Option("--weights", help="Weights file; repeat to compare several.")
+    ],
+    split: Annotated[
+        SplitName, typer.Option("--split", help="Which images: all, or one split (from "
+                                "--split-file or the splits.tsv beside the first weights).")
+    ] = SplitName.all,
+    split_file: Annotated[
+        Path | None, typer.Option("--split-file", help="Split folder or a run's splits.tsv.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "brainbag-eval"),
+    mode: Annotated[Mode, typer.Option("--mode", help="As for predict.")] = Mode.sliding,
+    window: Annotated[
+        tuple[int, int, int], typer.Option("--window", help="Sliding window x y z.")
+    ] = (160, 160, 128),
+    overlap: Annotated[float, typer.Option("--overlap", help="As for predict.")] = 0.25,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per pass.")] = 1,
+    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    precision: Annotated[PrecisionOpt, typer.Option("--precision")] = PrecisionOpt.fp32,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the scatter PNG.")] = False,
+) -> None:
+    """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
+    from brainbag.evaluate import EvaluateSettings, run_evaluate, table_rows
+    from brainbag.inference import InferenceSettings
+
+    settings = EvaluateSettings(
+        data=data, weights=tuple(weights), split=split.value, split_file=split_file, out=out,
+        inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
+                                    overlap=overlap, batch_size=batch_size,
+                                    device=device.value, precision=precision.value),
+        plot=not no_plot,
+    )
+    console = _console()
+    try:
+        with console.status("evaluating...", spinner="dots") as status:
+            def progress(k: int, n: int, record: Any) -> None:
+                status.update(f"evaluating {k + 1}/{n}: {record.participant_id}")
+
+            results = run_evaluate(settings, on_image=progress)
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+        return
+    except OSError as exc:
+        fail(BrainbagError(f"could not read or write a file: {exc}"))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})")
+    for col, justify in (("weights", "left"), ("RF", "right"), ("n", "right"),
+                         ("age MAE", "right"), ("RMSE", "right"), ("r", "right"),
+                         ("bias slope", "right"), ("sex acc.", "right"), ("AUC", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in table_rows(results):
+        table.add_row(row["weights"], str(row["rf"]), str(row["n"]), f(row["age_mae"], ".2f"),
+                      f(row["age_rmse"], ".2f"), f(row["age_r"], ".3f"),
+                      f(row["age_bias_slope"], ".3f"), f(row["sex_accuracy"], ".1%"),
+                      f(row["sex_auc"], ".3f"))
+    console.print(table)
+    console.print(f"results in {out}/ (<weights>/predictions.tsv, metrics.json, age_scatter.png"
+                  + (", table.tsv)" if len(results) > 1 else ")"), soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

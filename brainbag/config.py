@@ -1,0 +1,261 @@
+"""Training configuration as plain data: defaults, TOML recipes, flags, and the resolved file.
+
+Precedence: flags over the recipe over :class:`TrainConfig`'s defaults (which are the paper's
+hyperparameters, see ``training/recipes/camcan-paper.toml``). The resolved configuration is
+written to the run folder as ``config.toml`` (flat keys; read back with :mod:`tomllib`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brainbag.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
+    import tomli as tomllib
+
+REPO_TRAINING = Path(__file__).resolve().parents[1] / "training"
+TASKS = ("age", "sex", "both")
+BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults = the paper's recipe (BAGNET3D.md)."""
+
+    data: str = ""
+    out: str = "runs/brainbag"
+    recipe: str = ""
+    split: str = ""  # split folder or splits.tsv; "" = random split by subject
+    data_name: str = ""  # "" = from the data (BIDS dataset_description.json or folder name)
+    data_licence: str = ""
+    # model
+    rf: int = 9
+    task: str = "both"
+    width: int = 32
+    padding: str = "same"
+    # optimisation (Adam with coupled L2, step decay)
+    epochs: int = 500
+    batch_size: int = 16
+    micro_batch: int = 0  # samples per forward pass; 0 = the whole batch
+    lr: float = 1e-3
+    adam_eps: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_step_epochs: int = 100
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (the published clipping never acted)
+    age_loss_weight: float = 1.0
+    sex_loss_weight: float = 1.0
+    # augmentation and validation
+    crop: list[int] = field(default_factory=lambda: [160, 160, 128])
+    flip: bool = True
+    val_view: str = "centre"
+    val_every: int = 1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    best_metric: str = "auto"
+    # engine
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    cache_device: str = "auto"
+    cache_dtype: str = "float32"
+    workers: int = 4
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for values no run can use."""
+        checks: list[tuple[bool, str]] = [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.rf in (9, 17, 33, 177), f"rf must be 9, 17, 33 or 177, got {self.rf}"),
+            (self.width >= 1, f"width must be >= 1, got {self.width}"),
+            (self.padding in ("same", "valid"), f"padding must be same or valid, got "
+                                                f"{self.padding!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.micro_batch >= 0, f"micro batch must be >= 0, got {self.micro_batch}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}"),
+            (self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.lr_step_epochs >= 0, "lr_step_epochs must be >= 0 (0 = constant lr)"),
+            (0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.age_loss_weight >= 0 and self.sex_loss_weight >= 0, "loss weights must be >= 0"),
+            (len(self.crop) == 3 and all(int(c) >= 1 for c in self.crop),
+             f"crop must be three positive sizes (x y z), got {self.crop}"),
+            (self.val_view in ("centre", "full"), f"val_view must be centre or full, got "
+                                                  f"{self.val_view!r}"),
+            (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
+            (self.best_metric in BEST_METRICS, f"best_metric must be one of {BEST_METRICS}"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.channels_last in ("auto", "on", "off"), "channels_last must be auto, on or off"),
+            (self.cache_device in ("auto", "cpu", "device"),
+             "cache_device must be auto, cpu or device"),
+            (self.cache_dtype in ("float32", "float16"), "cache_dtype must be float32 or float16"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.padding == "valid" and min(self.crop) < self.rf:
+            raise UsageError(f"crop {self.crop} is smaller than the receptive field {self.rf} "
+                             "(valid padding)")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return ("age", "sex") if self.task == "both" else (self.task,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "configuration") -> TrainConfig:
+        config = cls()
+        apply(config, values, where)
+        return config
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: keys a recipe may not set: they belong to one run
+RUN_KEYS = ("data", "out", "recipe")
+
+
+def apply(config: TrainConfig, values: dict[str, Any], where: str) -> None:
+    """Set ``values`` on ``config`` with type checks; unknown keys are errors."""
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise UsageError(f"{where}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
+        default = getattr(TrainConfig(), key)
+        setattr(config, key, _coerce(key, value, default, where))
+
+
+def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
+    def bad() -> UsageError:
+        return UsageError(f"{where}: {key} = {value!r} should be a {type(default).__name__}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad()
+        return float(value)
+    if isinstance(default, list):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad()
+        return [int(v) for v in value]
+    if not isinstance(value, str):
+        raise bad()
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"recipe file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def find_recipe(spec: str) -> Path:
+    """A recipe path: ``spec`` itself if it is a file, else ``<name>.toml`` in
+    ``./training/recipes/`` or the source checkout's ``training/recipes/``."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"recipe file not found: {path}")
+        return path
+    places = [Path.cwd() / "training" / "recipes", REPO_TRAINING / "recipes"]
+    for place in places:
+        candidate = place / f"{spec}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.toml")})
+    raise UsageError(
+        f"unknown recipe {spec!r}; known: {', '.join(known) or 'none found'} "
+        "(or give the path of a .toml file)"
+    )
+
+
+def load_recipe(spec: str) -> tuple[dict[str, Any], Path]:
+    """Settings of a recipe; a relative ``split`` is resolved against the recipe's folder."""
+    path = find_recipe(spec)
+    values = read_toml(path)
+    values.pop("description", None)
+    values.pop("name", None)
+    for key in RUN_KEYS:
+        if key in values:
+            raise UsageError(f"{path}: {key!r} belongs to one run, not to a recipe")
+    bad = [k for k, v in values.items() if isinstance(v, dict)]
+    if bad:
+        raise UsageError(f"{path}: recipes are flat; unexpected table(s) {bad}")
+    if values.get("split"):
+        split = Path(str(values["split"]))
+        if not split.is_absolute():
+            values["split"] = str((path.parent / split).resolve())
+    return values, path
+
+
+def resolve(
+    data: str, out: str, recipe: str | None, flags: dict[str, Any]
+) -> tuple[TrainConfig, set[str]]:
+    """Defaults, then the recipe, then the flags that were given (None = not given).
+
+    Returns the configuration and the names of the settings the recipe or a flag set.
+    """
+    config = TrainConfig(data=data, out=out)
+    explicit: set[str] = set()
+    if recipe:
+        values, path = load_recipe(recipe)
+        apply(config, values, str(path))
+        config.recipe = path.stem
+        explicit |= set(values) | {"recipe"}
+    given = {k: v for k, v in flags.items() if v is not None}
+    apply(config, given, "options")
+    explicit |= set(given)
+    config.validate()
+    return config, explicit
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(values: dict[str, Any], header: str = "") -> str:
+    """A flat TOML document (scalars and arrays only)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,552 @@
+"""Training and evaluation data: which images, which labels, which split, and the volume cache.
+
+Layouts ``DATA`` may have:
+
+* **participants table**: a ``.tsv`` (or ``.csv``) file with one row per image and the columns
+  ``participant_id``, ``age``, ``sex``, ``t1w`` and optionally ``mask`` and ``split``; image paths
+  are relative to the table's folder (``../shared/data/ixi/participants.tsv`` is one).
+* **BIDS**: a folder with ``participants.tsv`` (``participant_id``, ``age``, ``sex``) and
+  ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``. A brain mask next to a T1w, named like it with
+  ``_T1w`` replaced by ``_desc-brain_mask`` or ``_mask``, is used; otherwise brain = voxels > 0.
+* **Cam-CAN as in the paper**: a folder with ``sub-<CCID>_T1w_stripped.nii.gz`` and
+  ``sub-<CCID>_T1w_brain_mask.nii.gz`` (the published code's layout) or a BIDS tree without
+  ``participants.tsv``; the paper's split files (``Observations``, ``age``, ``gender_code`` with
+  1 = male, 2 = female) give the subjects, labels and split.
+
+Splits. A split source is a folder holding ``train``, ``val`` and ``test`` ``.csv``/``.tsv``
+files (``participant_id`` or ``Observations`` column), or a ``splits.tsv`` written by
+``brainbag train`` (``participant_id`` and ``split`` columns). Without one, subjects (not images)
+are split at random with a seed, so a subject with several images stays on one side. Participant
+ids match with or without the BIDS ``sub-`` prefix.
+
+Sex is ``"F"`` or ``"M"``; the network's sex head predicts P(female).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainbag.errors import InputError, UsageError
+from brainbag.io import is_image_path
+
+SPLITS = ("train", "val", "test")
+TABLE_SUFFIXES = (".tsv", ".csv")
+_ID_COLUMNS = ("participant_id", "observations", "subject", "subject_id")
+_IMAGE_COLUMNS = ("t1w", "image", "path")
+_FEMALE = {"f", "female", "w", "woman"}
+_MALE = {"m", "male", "man"}
+_MISSING = {"", "n/a", "na", "nan", "none", "-"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image. ``sex`` is ``"F"``, ``"M"`` or None; ``split`` one of SPLITS or None."""
+
+    participant_id: str
+    t1w: Path
+    mask: Path | None = None
+    age: float | None = None
+    sex: str | None = None
+    split: str | None = None
+    session: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The key that keeps a subject's images together: the id without ``sub-``."""
+        return bare_id(self.participant_id)
+
+
+@dataclass
+class DataSource:
+    """Every image found in ``DATA``, with where its labels and split came from."""
+
+    records: list[ImageRecord]
+    layout: str
+    root: Path
+    name: str
+    licence: str | None = None
+    split_source: str | None = None
+
+    def select(self, split: str) -> list[ImageRecord]:
+        """Records of one split (``"all"`` = every record)."""
+        if split == "all":
+            return list(self.records)
+        return [r for r in self.records if r.split == split]
+
+    def counts(self) -> dict[str, int]:
+        """Images per split (``none`` = not assigned)."""
+        out = {s: 0 for s in SPLITS}
+        for r in self.records:
+            out[r.split or "none"] = out.get(r.split or "none", 0) + 1
+        return out
+
+
+def bare_id(participant_id: str) -> str:
+    text = participant_id.strip()
+    return text[4:] if text.startswith("sub-") else text
+
+
+def parse_age(value: str | None, where: str) -> float | None:
+    """An age in years, or None for a missing value; anything else is an error."""
+    text = (value or "").strip()
+    if text.lower() in _MISSING:
+        return None
+    try:
+        age = float(text)
+    except ValueError:
+        raise InputError(f"{where}: age {text!r} is not a number (years)") from None
+    if not math.isfinite(age) or age < 0 or age > 150:
+        raise InputError(f"{where}: age {text!r} is not a plausible age in years")
+    return age
+
+
+def parse_sex(value: str | None, where: str, column: str = "sex") -> str | None:
+    """``"F"``/``"M"`` from the usual spellings; Cam-CAN ``gender_code`` 1 = male, 2 = female."""
+    text = (value or "").strip().lower()
+    if text in _MISSING or text in {"o", "other", "u", "unknown"}:
+        return None
+    if column == "gender_code":
+        codes = {"1": "M", "2": "F"}
+        if text in codes:
+            return codes[text]
+        raise InputError(f"{where}: gender_code {text!r} is not 1 (male) or 2 (female)")
+    if text in _FEMALE:
+        return "F"
+    if text in _MALE:
+        return "M"
+    raise InputError(f"{where}: sex {value!r} is not F/female or M/male (or n/a)")
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Rows of a .tsv or .csv file with lower-cased, stripped column names."""
+    if not path.is_file():
+        raise InputError(f"table not found: {path}")
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        try:
+            header = [c.strip().lower() for c in next(reader)]
+        except StopIteration:
+            raise InputError(f"{path} is empty; expected a header row") from None
+        rows = []
+        for line in reader:
+            if not any(cell.strip() for cell in line):
+                continue
+            if len(line) != len(header):
+                raise InputError(
+                    f"{path}, row {reader.line_num}: {len(line)} fields for {len(header)} "
+                    f"columns; is it {'comma' if delimiter == ',' else 'tab'}-separated?"
+                )
+            rows.append({k: v.strip() for k, v in zip(header, line, strict=True)})
+    return header, rows
+
+
+def _column(header: Sequence[str], names: Sequence[str]) -> str | None:
+    return next((c for c in names if c in header), None)
+
+
+def _labels(row: dict[str, str], header: Sequence[str], where: str) -> tuple[float | None,
+                                                                             str | None]:
+    age = parse_age(row.get("age"), where) if "age" in header else None
+    sex_col = _column(header, ("sex", "gender", "gender_text", "gender_code"))
+    sex = parse_sex(row.get(sex_col), where, sex_col) if sex_col else None
+    return age, sex
+
+
+def _split_value(value: str | None, where: str) -> str | None:
+    text = (value or "").strip().lower()
+    if text in _MISSING:
+        return None
+    aliases = {"validation": "val", "valid": "val", "training": "train"}
+    text = aliases.get(text, text)
+    if text not in SPLITS:
+        raise InputError(f"{where}: split {value!r} is not one of {', '.join(SPLITS)}")
+    return text
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def read_participants_table(path: Path) -> DataSource:
+    """A table with one row per image (``t1w`` and optional ``mask`` paths relative to it)."""
+    header, rows = read_table(path)
+    id_col = _column(header, _ID_COLUMNS)
+    img_col = _column(header, _IMAGE_COLUMNS)
+    if id_col is None or img_col is None:
+        raise InputError(
+            f"{path} has columns {header}; a participants table needs 'participant_id' and "
+            "'t1w' (image path relative to the table) and usually 'age' and 'sex'"
+        )
+    base = path.parent
+    records = []
+    for n, row in enumerate(rows, start=2):
+        where = f"{path}, row {n}"
+        if not row[img_col]:
+            raise InputError(f"{where}: empty {img_col!r} path")
+        age, sex = _labels(row, header, where)
+        mask = row.get("mask") or None
+        records.append(ImageRecord(
+            participant_id=row[id_col],
+            t1w=(base / row[img_col]),
+            mask=(base / mask) if mask else None,
+            age=age,
+            sex=sex,
+            split=_split_value(row.get("split"), where) if "split" in header else None,
+            session=row.get("session_id") or row.get("session") or None,
+        ))
+    if not records:
+        raise InputError(f"{path} lists no images")
+    return DataSource(records, "table", base, name=path.parent.name or str(path),
+                      split_source=f"'split' column of {path}" if "split" in header else None)
+
+
+def _bids_mask(t1w: Path) -> Path | None:
+    name = t1w.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith("_T1w" + suffix):
+            stem = name[: -len("_T1w" + suffix)]
+            for candidate in ("_desc-brain_mask", "_mask"):
+                for ext in (".nii.gz", ".nii"):
+                    path = t1w.with_name(stem + candidate + ext)
+                    if path.exists():
+                        return path
+    return None
+
+
+def _bids_images(root: Path, participant: str) -> list[tuple[Path, str | None]]:
+    sub = f"sub-{bare_id(participant)}"
+    found = []
+    for anat in sorted([root / sub / "anat", *sorted((root / sub).glob("ses-*/anat"))]):
+        for path in sorted(anat.glob("*_T1w.nii*")):
+            if is_image_path(path):
+                ses = anat.parent.name if anat.parent.name.startswith("ses-") else None
+                found.append((path, ses))
+    return found
+
+
+def _dataset_description(root: Path) -> tuple[str, str | None]:
+    path = root / "dataset_description.json"
+    if path.is_file():
+        try:
+            desc = json.loads(path.read_text(encoding="utf-8"))
+            return str(desc.get("Name") or root.name), desc.get("License")
+        except (OSError, ValueError):
+            pass
+    return root.name, None
+
+
+def read_bids(root: Path) -> DataSource:
+    """A BIDS folder: labels from participants.tsv, images from sub-*/[ses-*/]anat/*_T1w."""
+    table = root / "participants.tsv"
+    header, rows = read_table(table)
+    if "participant_id" not in header:
+        raise InputError(f"{table} has no 'participant_id' column (BIDS requires one)")
+    records = []
+    without = []
+    for n, row in enumerate(rows, start=2):
+        age, sex = _labels(row, header, f"{table}, row {n}")
+        images = _bids_images(root, row["participant_id"])
+        if not images:
+            without.append(row["participant_id"])
+        for path, ses in images:
+            records.append(ImageRecord(row["participant_id"], path, _bids_mask(path), age, sex,
+                                       session=ses))
+    if not records:
+        raise InputError(
+            f"{root}: participants.tsv lists {len(rows)} subjects but no "
+            "sub-<id>/[ses-<id>/]anat/*_T1w.nii[.gz] image was found"
+        )
+    name, licence = _dataset_description(root)
+    source = DataSource(records, "bids", root, name=name, licence=licence)
+    if without:
+        source.name += f" ({len(without)} listed subjects without a T1w image skipped)"
+    return source
+
+
+def _camcan_image(root: Path, ccid: str) -> tuple[Path, Path | None] | None:
+    flat = root / f"sub-{ccid}_T1w_stripped.nii.gz"
+    if flat.exists():
+        mask = root / f"sub-{ccid}_T1w_brain_mask.nii.gz"
+        return flat, mask if mask.exists() else None
+    images = _bids_images(root, ccid)
+    if images:
+        return images[0][0], _bids_mask(images[0][0])
+    return None
+
+
+def read_camcan(root: Path, split: Path) -> DataSource:
+    """Cam-CAN images under ``root`` with subjects, labels and split from the split files."""
+    tables = split_tables(split)
+    records = []
+    missing = []
+    for name, table in tables.items():
+        header, rows = read_table(table)
+        id_col = _column(header, _ID_COLUMNS)
+        if id_col is None:
+            raise InputError(f"{table} has no 'Observations' or 'participant_id' column")
+        for n, row in enumerate(rows, start=2):
+            ccid = bare_id(row[id_col])
+            age, sex = _labels(row, header, f"{table}, row {n}")
+            found = _camcan_image(root, ccid)
+            if found is None:
+                missing.append(ccid)
+                continue
+            records.append(ImageRecord(ccid, found[0], found[1], age, sex, split=name))
+    if missing:
+        raise InputError(
+            f"{root}: {len(missing)} subjects of the split files in {split} have no image "
+            f"(first: {missing[0]}); expected sub-<CCID>_T1w_stripped.nii.gz (+ "
+            "sub-<CCID>_T1w_brain_mask.nii.gz) or sub-<CCID>/anat/sub-<CCID>_T1w.nii.gz"
+        )
+    return DataSource(records, "camcan", root, name="Cam-CAN", split_source=str(split))
+
+
+def split_tables(split: Path) -> dict[str, Path]:
+    """``{"train": path, "val": path, "test": path}`` of a split folder (missing ones left out)."""
+    if not split.is_dir():
+        raise InputError(f"split folder not found: {split}")
+    found = {}
+    for name in SPLITS:
+        for suffix in (".csv", ".tsv"):
+            if (split / f"{name}{suffix}").is_file():
+                found[name] = split / f"{name}{suffix}"
+                break
+    if "train" not in found:
+        raise InputError(f"split folder {split} has no train.csv or train.tsv")
+    return found
+
+
+def read_split_source(split: Path) -> dict[str, str]:
+    """``{bare participant id: split}`` from a split folder or a splits.tsv file."""
+    assignment: dict[str, str] = {}
+    if split.is_dir():
+        for name, table in split_tables(split).items():
+            header, rows = read_table(table)
+            id_col = _column(header, _ID_COLUMNS)
+            if id_col is None:
+                raise InputError(f"{table} has no 'participant_id' or 'Observations' column")
+            for row in rows:
+                _assign(assignment, bare_id(row[id_col]), name, split)
+        return assignment
+    header, rows = read_table(split)
+    id_col = _column(header, _ID_COLUMNS)
+    if id_col is None or "split" not in header:
+        raise InputError(f"{split} needs 'participant_id' and 'split' columns, has {header}")
+    for n, row in enumerate(rows, start=2):
+        value = _split_value(row["split"], f"{split}, row {n}")
+        if value is not None:
+            _assign(assignment, bare_id(row[id_col]), value, split)
+    return assignment
+
+
+def _assign(assignment: dict[str, str], pid: str, name: str, source: Path) -> None:
+    if assignment.get(pid, name) != name:
+        raise InputError(
+            f"{source}: subject {pid} is in both {assignment[pid]} and {name}; a subject's "
+            "images must stay on one side of a split"
+        )
+    assignment[pid] = name
+
+
+def discover(data: Path, split: Path | None = None) -> DataSource:
+    """Find every image and label in ``data`` and assign splits from ``split`` when given."""
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"training data not found: {data}")
+    if data.is_file():
+        if data.suffix.lower() not in TABLE_SUFFIXES:
+            raise InputError(f"{data} is not a participants table (.tsv or .csv) or a folder")
+        source = read_participants_table(data)
+    elif (data / "participants.tsv").is_file() and any(data.glob("sub-*/")):
+        source = read_bids(data)
+    elif split is not None and split.is_dir():
+        return read_camcan(data, split)
+    elif (data / "participants.tsv").is_file():
+        source = read_participants_table(data / "participants.tsv")
+    else:
+        raise InputError(
+            f"{data}: no participants.tsv and no split files; give a BIDS folder, a participants "
+            "table (.tsv with participant_id, age, sex, t1w) or Cam-CAN images with --split"
+        )
+    if split is not None:
+        source = apply_split(source, split)
+    check_grouped(source.records)
+    return source
+
+
+def apply_split(source: DataSource, split: Path) -> DataSource:
+    """Assign every record the split its participant has in ``split``; unlisted ones get none."""
+    assignment = read_split_source(split)
+    records = [replace(r, split=assignment.get(r.group)) for r in source.records]
+    if not any(r.split == "train" for r in records):
+        raise InputError(
+            f"no image of {source.root} belongs to a subject in the train split of {split}; "
+            "do the participant ids match?"
+        )
+    return replace(source, records=records, split_source=str(split))
+
+
+def random_split(
+    records: Sequence[ImageRecord], val_fraction: float, test_fraction: float, seed: int
+) -> list[ImageRecord]:
+    """Split by subject at random: a subject's images all go to one side.
+
+    Subjects are shuffled with ``seed``; the first ``round(val_fraction * n)`` go to val, the next
+    ``round(test_fraction * n)`` to test (at least one each when the fraction is > 0 and there are
+    enough subjects), the rest to train.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError(
+            f"val and test fractions must be in [0, 1) with a sum below 1, got {val_fraction} "
+            f"and {test_fraction}"
+        )
+    groups = sorted({r.group for r in records})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n = len(groups)
+
+    def count(fraction: float) -> int:
+        return max(1, round(fraction * n)) if fraction > 0 and n >= 3 else 0
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
+    assignment = {}
+    for rank, i in enumerate(order):
+        assignment[groups[i]] = (
+            "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+        )
+    return [replace(r, split=assignment[r.group]) for r in records]
+
+
+def check_grouped(records: Iterable[ImageRecord]) -> None:
+    """Refuse a split that puts one subject's images on two sides."""
+    seen: dict[str, str | None] = {}
+    for r in records:
+        if r.group in seen and seen[r.group] != r.split:
+            raise InputError(
+                f"subject {r.participant_id} has images in both {seen[r.group]} and {r.split}; "
+                "a subject's images must stay on one side of a split"
+            )
+        seen[r.group] = r.split
+
+
+SPLITS_TSV_COLUMNS = ("participant_id", "session", "split", "age", "sex", "t1w", "mask")
+
+
+def splits_tsv(records: Sequence[ImageRecord]) -> str:
+    """The text of a ``splits.tsv`` recording which image went to which split."""
+    lines = ["\t".join(SPLITS_TSV_COLUMNS)]
+    for r in records:
+        values = [r.participant_id, r.session or "", r.split or "",
+                  "" if r.age is None else f"{r.age:g}", r.sex or "", str(r.t1w),
+                  str(r.mask) if r.mask else ""]
+        lines.append("\t".join(v.replace("\t", " ") for v in values))
+    return "\n".join(lines) + "\n"
+
+
+# --- volumes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Volume:
+    """A conformed, whitened volume trimmed to its brain's bounding box.
+
+    ``data`` holds the conformed array's voxels ``offset`` to ``offset + data.shape``; every voxel
+    outside that box equals ``background`` (voxels outside the brain mask are whitened zeros), so
+    any view of the full ``shape`` is rebuilt exactly by :meth:`crop`.
+    """
+
+    data: Any  # torch.Tensor (X, Y, Z)
+    offset: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    background: float
+
+    def crop(self, start: Sequence[int], size: Sequence[int]) -> Any:
+        """The ``size`` view of the full conformed array starting at ``start`` (may be negative
+        or run past the end: those voxels are background), as float32 on ``data``'s device."""
+        import torch
+
+        out = torch.full(tuple(size), self.background, dtype=torch.float32,
+                         device=self.data.device)
+        src, dst = [], []
+        for a in range(3):
+            lo = max(start[a], self.offset[a])
+            hi = min(start[a] + size[a], self.offset[a] + self.data.shape[a])
+            if hi <= lo:
+                return out
+            src.append(slice(lo - self.offset[a], hi - self.offset[a]))
+            dst.append(slice(lo - start[a], hi - start[a]))
+        out[tuple(dst)] = self.data[tuple(src)].to(torch.float32)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel() * self.data.element_size())
+
+
+def load_volume(record: ImageRecord, dtype: Any = None) -> Volume:
+    """Read, conform (the same code ``predict`` uses) and trim one image."""
+    import torch
+
+    from brainbag.io import load_image
+    from brainbag.preprocess import conform, load_mask
+
+    loaded = load_image(record.t1w)
+    mask = load_mask(record.mask, loaded) if record.mask is not None else None
+    conformed = conform(loaded, mask)
+    data = conformed.image.data
+    background = float(np.float32(conformed.background))
+    nonbg = np.argwhere(data != np.float32(background))
+    if nonbg.size:
+        lo = nonbg.min(axis=0)
+        hi = nonbg.max(axis=0) + 1
+    else:
+        lo, hi = np.zeros(3, int), np.ones(3, int)
+    box = data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    tensor = torch.from_numpy(np.ascontiguousarray(box))
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    return Volume(tensor, (int(lo[0]), int(lo[1]), int(lo[2])), conformed.image.shape, background)
+
+
+def load_volumes(
+    records: Sequence[ImageRecord], workers: int = 4, dtype: Any = None,
+    on_loaded: Any = None,
+) -> list[Volume]:
+    """Load and conform every record, ``workers`` at a time (decompression releases the GIL).
+
+    ``on_loaded(i, record)`` is called after each volume, in completion order.
+    """
+    def one(i: int) -> Volume:
+        volume = load_volume(records[i], dtype)
+        if on_loaded is not None:
+            on_loaded(i, records[i])
+        return volume
+
+    if workers <= 1 or len(records) <= 1:
+        return [one(i) for i in range(len(records))]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(len(records))))
+
+
+def crop_range(n: int, size: int) -> tuple[int, int]:
+    """Lowest and highest crop start (inclusive) along an axis of ``n`` voxels for ``size``.
+
+    Random crops draw uniformly from this range: every start from ``0`` to ``n - size`` is
+    reachable (the published code's ``randint(n - size)`` crashed when ``n == size`` and never
+    picked the last start). When the volume is smaller than the crop the range is
+    ``[n - size, 0]``: the volume lands anywhere inside the crop, the rest is background.
+    """
+    return min(0, n - size), max(0, n - size)
+
+
+def centre_start(n: int, size: int) -> int:
+    """Start of the centred crop (negative when the volume is smaller: centred in padding)."""
+    return (n - size) // 2

@@ -1,0 +1,967 @@
+"""``brainbag train``: the seed recipe, fast, resumable and multi-GPU.
+
+One step = one effective batch (16 in the paper's recipe) of random crops with random left-right
+flips, cut on the device from volumes cached in memory after the same preprocessing ``predict``
+uses (:func:`brainbag.preprocess.conform`). Every norm in BagNet-3D is per-sample InstanceNorm, so
+a real batch has exactly the gradient of the paper's 16 accumulated single-crop steps; the batch
+is split into ``micro_batch`` forward passes only to fit memory (same gradient again).
+
+Loss per sample (averaged over the batch): ``age_loss_weight * (age_pred - age)^2`` on the
+standardised age (training-set mean and std, stored in the weights) plus
+``sex_loss_weight * BCE(sex_logit, female)``; both weights are 1 by default, which puts the two
+terms on the same scale at the start (MSE of a standardised target ~1, BCE ~0.69).
+
+Reproducibility: model initialisation uses ``seed``; each epoch's shuffle, crops and flips come
+from a generator seeded with ``(seed, epoch)`` and drawn for the whole batch on every rank, so a run
+on N processes sees the same crops as a run on one. Checkpoints hold model, optimizer, scheduler,
+RNG states, epoch and the position inside the epoch; ``--resume`` continues exactly.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+DistributedDataParallel; each rank takes every ``world``-th sample of each batch and scales its
+loss so DDP's gradient average equals the single-process batch mean. Rank 0 writes all files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainbag import __version__
+from brainbag.config import TrainConfig, read_toml, to_toml
+from brainbag.datasets import (
+    DataSource,
+    ImageRecord,
+    Volume,
+    centre_start,
+    crop_range,
+    discover,
+    load_volumes,
+    random_split,
+    splits_tsv,
+)
+from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
+from brainbag.inference import bf16_supported, resolve_device
+from brainbag.model import BagNet3D, BagNetConfig
+from brainbag.outputs import atomic_path, write_text_atomic
+from brainbag.weights import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
+
+CHECKPOINT_FORMAT = "brainbag-checkpoint/1"
+METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae", "val_accuracy", "lr", "seconds")
+#: settings a resumed run may change; any other flag must match the run's config
+RESUMABLE = ("epochs", "device", "workers", "cache_device", "compile", "precision")
+EXIT_INTERRUPTED = 130
+
+
+class TrainingInterrupted(BrainbagError):
+    """Ctrl-C or SIGTERM: the state was saved; ``--resume`` continues."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class TrainingDiverged(ProcessingError):
+    """The loss became NaN or infinite."""
+
+
+# --- losses and gradients ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which head outputs which target, and with what weight."""
+
+    heads: tuple[str, ...]
+    age_weight: float = 1.0
+    sex_weight: float = 1.0
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of every sample: ``outputs`` (B, heads), ``targets`` (B, 2) = (age_std, female)."""
+        outputs = outputs.to(targets.dtype)
+        loss = torch.zeros(outputs.shape[0], dtype=targets.dtype, device=outputs.device)
+        for i, head in enumerate(self.heads):
+            if head == "age":
+                loss = loss + self.age_weight * (outputs[:, i] - targets[:, 0]) ** 2
+            else:
+                loss = loss + self.sex_weight * nn.functional.binary_cross_entropy_with_logits(
+                    outputs[:, i], targets[:, 1], reduction="none")
+        return loss
+
+
+class PooledNet(nn.Module):
+    """``forward`` = the BagNet's global (average-then-linear) output, for DDP and compile."""
+
+    def __init__(self, model: BagNet3D) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.pooled(x)
+
+
+def accumulate_gradients(
+    net: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossSpec,
+    micro_batch: int,
+    denominator: float,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add to ``.grad`` the gradient of ``sum(per-sample loss) / denominator`` over ``x``, in
+    forward passes of ``micro_batch`` samples; return the (detached) sum of the losses.
+
+    ``weights`` (per sample, default 1) lets a rank with nothing to contribute still run the
+    collective backward with a zero-weight sample. ``no_sync`` (DDP) skips the gradient all-reduce
+    on every micro-batch but the last.
+    """
+    n = x.shape[0]
+    micro = n if micro_batch <= 0 else micro_batch
+    chunks = list(range(0, n, micro))
+    total = torch.zeros((), dtype=targets.dtype, device=targets.device)
+    for k, start in enumerate(chunks):
+        part = slice(start, start + micro)
+        sync = no_sync if (no_sync is not None and k < len(chunks) - 1) else None
+        with sync() if sync is not None else contextlib.nullcontext():
+            with autocast():
+                outputs = net(x[part])
+            losses = loss.per_sample(outputs, targets[part])
+            if weights is not None:
+                losses = losses * weights[part]
+            (losses.sum() / denominator).backward()
+        total = total + losses.detach().sum()
+    return total
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    base = resolve_device(device_name)
+    if base.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank, world, local), device
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+class Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+
+    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None: ...
+
+    def step(self, epoch: int, step: int, steps: int, loss: float) -> None: ...
+
+    def epoch(self, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class QuietReporter:
+    """Reports nothing (ranks other than 0, tests)."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        pass
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def format_row(row: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
+    for key, fmt in (("val_loss", ".4f"), ("val_mae", ".2f"), ("val_accuracy", ".3f")):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:{fmt}}")
+    parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.1f} s"]
+    if row.get("best"):
+        parts.append("(best)")
+    return "  ".join(parts)
+
+
+class ConsoleReporter:
+    """A Rich progress bar (epoch, step, loss, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.progress: Any = None
+        self.task: Any = None
+        self.epochs = 0
+
+    def message(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None:
+        self.epochs = epochs
+        if not self.console.is_terminal:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=epochs * steps, completed=done_steps,
+            label=f"epoch {first_epoch + 1}/{epochs}", loss="-",
+        )
+
+    def step(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}",
+                                 label=f"epoch {epoch + 1}/{self.epochs} step {step + 1}/{steps}")
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        line = format_row(row, self.epochs)
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False, markup=False)
+        else:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int
+    best_epoch: int | None
+    best: dict[str, float | None]
+    weights: Path
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    main: bool = True  # False on torchrun ranks other than 0 (they report nothing)
+
+
+@dataclass
+class _Labelled:
+    records: list[ImageRecord]
+    targets: torch.Tensor  # (n, 2): standardised age, female (NaN where missing)
+    volumes: list[Volume] = field(default_factory=list)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __enter__(self) -> StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_views(
+    volumes: Sequence[Volume], indices: Sequence[int], crop: Sequence[int], flip: bool,
+    generator: torch.Generator,
+) -> list[tuple[tuple[int, int, int], bool]]:
+    """Random crop start and flip for each index: uniform over every valid start."""
+    draws = torch.randint(0, 2**62, (len(indices), 4), generator=generator).tolist()
+    views = []
+    for i, row in zip(indices, draws, strict=True):
+        shape = volumes[i].shape
+        start = []
+        for a in range(3):
+            lo, hi = crop_range(shape[a], crop[a])
+            start.append(lo + row[a] % (hi - lo + 1))
+        views.append(((start[0], start[1], start[2]), bool(flip and row[3] % 2)))
+    return views
+
+
+def make_batch(
+    volumes: Sequence[Volume], indices: Sequence[int],
+    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
+    device: torch.device, channels_last: bool,
+) -> torch.Tensor:
+    """Cut the crops (on the cache's device), flip left-right (x, the first axis), stack."""
+    parts = []
+    for i, (start, flipped) in zip(indices, views, strict=True):
+        c = volumes[i].crop(start, crop).to(device, non_blocking=True)
+        parts.append(torch.flip(c, dims=(0,)) if flipped else c)
+    x = torch.stack(parts)[:, None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+class Trainer:
+    """One training run; ``run()`` does it all. Use :func:`train` for the usual entry point."""
+
+    def __init__(self, config: TrainConfig, reporter: Reporter | None = None,
+                 resume: bool = False) -> None:
+        config.validate()
+        self.config = config
+        self.out = Path(config.out)
+        self.resume = resume
+        self.dist, self.device = init_distributed(config.device)
+        self.reporter: Reporter = reporter if (reporter is not None and self.dist.main) \
+            else QuietReporter()
+        self.precision = self._precision()
+        self.channels_last = config.channels_last == "on" or (
+            config.channels_last == "auto" and self.device.type == "cuda")
+        self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight)
+        self.stop = StopFlag()
+
+    # setup -----------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        p = self.config.precision
+        if p == "auto":
+            return "bf16" if self.device.type == "cuda" and bf16_supported(self.device) \
+                else "fp32"
+        if p == "bf16" and not bf16_supported(self.device):
+            self.reporter.message(f"warning: bf16 is not supported on this {self.device.type}; "
+                                  "training in fp32")
+            return "fp32"
+        return p
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _data(self, checkpoint: dict[str, Any] | None) -> DataSource:
+        c = self.config
+        split = Path(c.split) if c.split else None
+        if checkpoint is not None and (self.out / "splits.tsv").is_file():
+            split = self.out / "splits.tsv"  # the run's own split, whatever made it
+        source = discover(Path(c.data), split)
+        if source.split_source is None:
+            source.records = random_split(source.records, c.val_fraction, c.test_fraction,
+                                          c.seed)
+            source.split_source = (f"random by subject (seed {c.seed}, val {c.val_fraction}, "
+                                   f"test {c.test_fraction})")
+        return source
+
+    def _labelled(self, records: list[ImageRecord], scaling: dict[str, float] | None,
+                  what: str) -> _Labelled:
+        heads = self.config.heads
+        keep = [r for r in records
+                if ("age" not in heads or r.age is not None)
+                and ("sex" not in heads or r.sex is not None)]
+        if len(keep) < len(records):
+            self.reporter.message(
+                f"warning: {len(records) - len(keep)} {what} images lack the "
+                f"{'/'.join(heads)} label(s) and are left out")
+        targets = torch.full((len(keep), 2), float("nan"), dtype=torch.float32)
+        for i, r in enumerate(keep):
+            if r.age is not None and scaling is not None:
+                targets[i, 0] = (r.age - scaling["mean"]) / scaling["std"]
+            if r.sex is not None:
+                targets[i, 1] = 1.0 if r.sex == "F" else 0.0
+        return _Labelled(keep, targets)
+
+    def _age_scaling(self, train: list[ImageRecord]) -> dict[str, float] | None:
+        if "age" not in self.config.heads:
+            return None
+        ages = np.array([r.age for r in train if r.age is not None], dtype=np.float64)
+        if ages.size == 0:
+            raise InputError(f"{self.config.data}: no training image has an age")
+        std = float(ages.std())
+        return {"mean": float(ages.mean()), "std": std if std > 1e-6 else 1.0}
+
+    def _load(self, sets: list[_Labelled]) -> None:
+        c = self.config
+        dtype = torch.float16 if c.cache_dtype == "float16" else torch.float32
+        records = [r for s in sets for r in s.records]
+        t0 = time.perf_counter()
+        done = [0]
+
+        def progress(i: int, record: ImageRecord) -> None:
+            done[0] += 1
+            if done[0] % 25 == 0 or done[0] == len(records):
+                self.reporter.message(f"loaded {done[0]}/{len(records)} volumes")
+
+        volumes = load_volumes(records, c.workers, dtype, progress)
+        nbytes = sum(v.nbytes for v in volumes)
+        place = torch.device("cpu")
+        if self.device.type == "cuda" and c.cache_device in ("auto", "device"):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if c.cache_device == "device" or nbytes < 0.4 * free:
+                place = self.device
+        for v in volumes:
+            if place.type == "cuda":
+                v.data = v.data.to(place)
+            elif self.device.type == "cuda":
+                v.data = v.data.pin_memory()
+        self.reporter.message(
+            f"cached {len(volumes)} volumes ({nbytes / 2**30:.2f} GiB {c.cache_dtype}, brain "
+            f"bounding boxes) on {place.type} in {time.perf_counter() - t0:.1f} s")
+        k = 0
+        for s in sets:
+            s.volumes = volumes[k:k + len(s.records)]
+            k += len(s.records)
+
+    def _model(self) -> BagNet3D:
+        c = self.config
+        torch.manual_seed(c.seed)
+        return BagNet3D(BagNetConfig.for_rf(c.rf, width=c.width, heads=c.heads,
+                                            padding=c.padding))
+
+    # checkpoints -----------------------------------------------------------------------------
+    def _checkpoint_path(self, name: str = "last.ckpt") -> Path:
+        return self.out / name
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        path = self._checkpoint_path()
+        if not self.resume:
+            if path.exists():
+                raise UsageError(
+                    f"{self.out} already holds a training run ({path.name}); pass --resume to "
+                    "continue it, or choose another --out")
+            return None
+        if not path.exists():
+            raise UsageError(f"--resume: no checkpoint {path}; start the run without --resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise InputError(f"checkpoint {path} could not be read ({exc}); "
+                             "best.ckpt may still be usable") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{path} is not a brainbag checkpoint")
+        return ckpt
+
+    def _merge_resumed_config(self, ckpt: dict[str, Any]) -> None:
+        """The run's saved settings win; a flag or recipe may only change RESUMABLE ones."""
+        saved = TrainConfig.from_dict(ckpt["config"], f"{self._checkpoint_path()}")
+        given = self.config
+        for key in saved.to_dict():
+            if key in ("data", "out"):
+                continue
+            if key in RESUMABLE and key in self._explicit:
+                continue
+            if key in self._explicit and getattr(given, key) != getattr(saved, key):
+                raise UsageError(
+                    f"--resume continues {self.out} with its own settings ({key} = "
+                    f"{getattr(saved, key)!r}), not {key} = {getattr(given, key)!r}: drop that "
+                    "option (or recipe), or start a new run in another --out")
+            setattr(given, key, getattr(saved, key))
+
+    _explicit: frozenset[str] = frozenset()
+    _split_source: str | None = None
+
+    def _save(self, state: dict[str, Any], best: bool) -> None:
+        if not self.dist.main:
+            return
+        path = self._checkpoint_path()
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        if best:
+            with atomic_path(self._checkpoint_path("best.ckpt")) as tmp:
+                shutil.copyfile(path, tmp)
+
+    # validation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, model: BagNet3D, val: _Labelled, scaling: dict[str, float] | None
+                 ) -> dict[str, float | None]:
+        """Loss, MAE (years) and accuracy on a deterministic view of every validation image."""
+        n = len(val.records)
+        if n == 0:
+            return {"val_loss": None, "val_mae": None, "val_accuracy": None}
+        model.eval()
+        crop = self.config.crop
+        outputs = torch.zeros((n, len(self.config.heads)), dtype=torch.float32,
+                              device=self.device)
+        mine = list(range(self.dist.rank, n, self.dist.world))
+        micro = self.config.micro_batch or self.config.batch_size
+        size = micro if self.config.val_view == "centre" else 1
+        for b in range(0, len(mine), size):
+            idx = mine[b:b + size]
+            parts = []
+            for i in idx:
+                v = val.volumes[i]
+                if self.config.val_view == "centre":
+                    view = v.crop([centre_start(v.shape[a], crop[a]) for a in range(3)], crop)
+                else:
+                    view = v.crop((0, 0, 0), v.shape)
+                parts.append(view.to(self.device))
+            x = torch.stack(parts)[:, None]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with self.autocast():
+                outputs[idx] = model.pooled(x).float()
+        self.dist.all_sum(outputs)
+        model.train()
+        targets = val.targets.to(self.device)
+        result: dict[str, float | None] = {
+            "val_loss": float(self.loss.per_sample(outputs, targets).mean()),
+            "val_mae": None, "val_accuracy": None,
+        }
+        for i, head in enumerate(self.config.heads):
+            if head == "age" and scaling is not None:
+                err = (outputs[:, i] - targets[:, 0]).abs() * scaling["std"]
+                result["val_mae"] = float(err.mean())
+            elif head == "sex":
+                pred = (outputs[:, i] > 0).float()
+                result["val_accuracy"] = float((pred == targets[:, 1]).float().mean())
+        return result
+
+    def _best_key(self) -> tuple[str, bool]:
+        """(metric, higher is better)."""
+        m = self.config.best_metric
+        if m == "auto":
+            m = {"age": "val_mae", "sex": "val_accuracy", "both": "val_loss"}[self.config.task]
+        return m, m == "val_accuracy"
+
+    def _is_better(self, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+        key, higher = self._best_key()
+        value = row.get(key)
+        if value is None:
+            return row.get("val_loss") is None  # no validation set: keep the latest
+        if best is None or best.get(key) is None:
+            return True
+        if value == best[key] and key == "val_accuracy":
+            return float(row["val_loss"]) < float(best["val_loss"])
+        return bool(value > best[key]) if higher else bool(value < best[key])
+
+    # outputs ---------------------------------------------------------------------------------
+    def _meta(self, model: BagNet3D, source: DataSource, scaling: dict[str, float] | None,
+              train: _Labelled, val: _Labelled, epochs_done: int, best_row: dict[str, Any]
+              ) -> WeightsMeta:
+        c = self.config
+        preprocessing = dict(DEFAULT_PREPROCESSING)
+        preprocessing["window_xyz"] = list(c.crop)
+        return WeightsMeta(
+            id=self.out.resolve().name,
+            architecture="bagnet3d",
+            arch_kwargs=model.config.to_dict(),
+            heads=list(model.config.heads),
+            age_scaling=scaling,
+            preprocessing=preprocessing,
+            training={
+                "data": c.data_name or source.name,
+                "licence": c.data_licence or source.licence or "not stated (set --data-licence)",
+                "data_path": str(c.data),
+                "layout": source.layout,
+                "split": source.split_source,
+                "images": {"train": len(train.records), "val": len(val.records)},
+                "subjects": {"train": len({r.group for r in train.records}),
+                             "val": len({r.group for r in val.records})},
+                "recipe": c.recipe or "defaults (paper hyperparameters)",
+                "task": c.task,
+                "loss": f"{c.age_loss_weight} * MSE(standardised age) + "
+                        f"{c.sex_loss_weight} * BCE(sex logit, female)",
+                "epochs": epochs_done,
+                "epochs_planned": c.epochs,
+                "best_epoch": best_row.get("epoch"),
+                "selected_by": self._best_key()[0],
+                "validation": {k: best_row.get(k) for k in ("val_loss", "val_mae",
+                                                            "val_accuracy")},
+                "val_view": c.val_view,
+                "seed": c.seed,
+                "precision": self.precision,
+                "config": c.to_dict(),
+            },
+            trained=True,
+            code_version=__version__,
+        )
+
+    def _write_outputs(self, state: dict[str, Any], history: list[dict[str, Any]],
+                       best: bool, model: BagNet3D, meta: WeightsMeta | None) -> None:
+        if not self.dist.main:
+            return
+        self._save(state, best)
+        write_metrics(self.out / "metrics.tsv", history)
+        if best and meta is not None:
+            save_weights(self.out / "weights.safetensors", model, meta)
+            write_text_atomic(self.out / "MODEL_CARD.md", model_card(meta))
+
+    # the loop --------------------------------------------------------------------------------
+    def run(self, explicit: Iterable[str] = ()) -> TrainResult:
+        """Train; ``explicit`` names the settings the user gave (checked on ``--resume``)."""
+        self._explicit = frozenset(explicit)
+        try:
+            return self._run()
+        finally:
+            self.reporter.close()
+
+    def _run(self) -> TrainResult:
+        c = self.config
+        ckpt = self._read_checkpoint()
+        if ckpt is not None:
+            self._merge_resumed_config(ckpt)
+            self.precision = self._precision()
+            self.channels_last = c.channels_last == "on" or (
+                c.channels_last == "auto" and self.device.type == "cuda")
+        source = self._data(ckpt)
+        if ckpt is not None and ckpt.get("split_source"):
+            source.split_source = str(ckpt["split_source"])
+        self._split_source = source.split_source
+        train_records = source.select("train")
+        if not train_records:
+            raise InputError(f"{c.data}: no image in the train split")
+        scaling = ckpt["age_scaling"] if ckpt is not None else self._age_scaling(train_records)
+        train = self._labelled(train_records, scaling, "training")
+        val = self._labelled(source.select("val"), scaling, "validation")
+        if not train.records:
+            raise InputError(f"{c.data}: no training image has the labels task {c.task} needs")
+
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "config.toml", to_toml(
+                c.to_dict(), f"brainbag {__version__} training configuration (resolved: flags > "
+                             "recipe > defaults)\nrecipe: " + (c.recipe or "none")))
+            write_text_atomic(self.out / "splits.tsv", splits_tsv(source.records))
+        counts = source.counts()
+        self.reporter.message(
+            f"data: {source.name} ({source.layout}); images train {counts['train']}, val "
+            f"{counts['val']}, test {counts['test']}; split: {source.split_source}")
+        self._load([train, val])
+
+        model = self._model().to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, eps=c.adam_eps,
+                                     weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=c.lr_step_epochs or 10**9, gamma=c.lr_gamma)
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        start_epoch, start_step = 0, 0
+        partial = [0.0, 0.0]
+        resumed_state: dict[str, Any] | None = None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            history = list(ckpt["history"])
+            best = ckpt["best"]
+            start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+            partial = list(ckpt["partial"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                with contextlib.suppress(RuntimeError):
+                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            resumed_state = ckpt
+            where = f"epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
+            self.reporter.message(f"resumed from {where} ({self._checkpoint_path()})")
+        del ckpt
+        if start_epoch >= c.epochs:
+            self.reporter.message(f"nothing to do: {start_epoch} of {c.epochs} epochs done")
+
+        net: nn.Module = PooledNet(model)
+        no_sync = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            net, no_sync = ddp, ddp.no_sync
+        if c.compile:
+            net = torch.compile(net)  # type: ignore[assignment]
+
+        steps = math.ceil(len(train.records) / c.batch_size)
+        self.reporter.start(start_epoch, c.epochs, steps, start_epoch * steps + start_step)
+        model.train()
+        with self.stop:
+            history, best = self._loop(
+                model, net, no_sync, optimizer, scheduler, train, val, source, scaling,
+                history, best, start_epoch, start_step, partial, resumed_state)
+        if self.dist.main and not (self.out / "weights.safetensors").exists():
+            meta = self._meta(model, source, scaling, train, val, len(history),
+                              best or (history[-1] if history else {}))
+            save_weights(self.out / "weights.safetensors", model, meta)
+            write_text_atomic(self.out / "MODEL_CARD.md", model_card(meta))
+        self.dist.barrier()
+        return TrainResult(
+            out=self.out, epochs=len(history), best_epoch=(best or {}).get("epoch"),
+            best={k: (best or {}).get(k) for k in ("val_loss", "val_mae", "val_accuracy")},
+            weights=self.out / "weights.safetensors",
+            resumed_from=start_epoch if self.resume else None, history=history,
+            main=self.dist.main)
+
+    def _agree_stop(self) -> bool:
+        """True when any rank was asked to stop (every rank must call this)."""
+        flag = torch.tensor([float(self.stop.set)], device=self.device)
+        return bool(self.dist.all_sum(flag)[0] > 0)
+
+    def _loop(self, model: BagNet3D, net: nn.Module, no_sync: Any,
+              optimizer: torch.optim.Optimizer, scheduler: Any, train: _Labelled,
+              val: _Labelled, source: DataSource, scaling: dict[str, float] | None,
+              history: list[dict[str, Any]], best: dict[str, Any] | None, start_epoch: int,
+              start_step: int, partial: list[float], resumed_state: dict[str, Any] | None
+              ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        c = self.config
+        n = len(train.records)
+        steps = math.ceil(n / c.batch_size)
+        volumes = train.volumes
+        targets_all = train.targets.to(self.device)
+        for epoch in range(start_epoch, c.epochs):
+            t_epoch = time.perf_counter()
+            if resumed_state is not None and start_step > 0:
+                perm = resumed_state["perm"].tolist()
+                gen = torch.Generator()
+                gen.set_state(resumed_state["generator"])
+                seconds0 = float(resumed_state.get("epoch_seconds", 0.0))
+            else:
+                gen = epoch_generator(c.seed, epoch)
+                perm = torch.randperm(n, generator=gen).tolist()
+                partial, start_step, seconds0 = [0.0, 0.0], 0, 0.0
+            resumed_state = None
+            for step in range(start_step, steps):
+                batch = perm[step * c.batch_size:(step + 1) * c.batch_size]
+                views = draw_views(volumes, batch, c.crop, c.flip, gen)
+                mine = list(range(self.dist.rank, len(batch), self.dist.world))
+                weights = None
+                if not mine:  # fewer samples than ranks in the last batch
+                    mine, weights = [0], torch.zeros(1, device=self.device)
+                idx = [batch[k] for k in mine]
+                x = make_batch(volumes, idx, [views[k] for k in mine], c.crop, self.device,
+                               self.channels_last)
+                targets = targets_all[idx]
+                loss_sum = accumulate_gradients(
+                    net, x, targets, self.loss, c.micro_batch,
+                    denominator=len(batch) / self.dist.world, autocast=self.autocast,
+                    no_sync=no_sync, weights=weights)
+                del x
+                stats = torch.stack([loss_sum.float(),
+                                     torch.tensor(float(self.stop.set), device=self.device)])
+                self.dist.all_sum(stats)
+                total, stop = float(stats[0]), bool(stats[1] > 0)
+                if not math.isfinite(total):
+                    last = history[-1]["epoch"] if history else 0
+                    raise TrainingDiverged(
+                        f"training loss is {total / len(batch)} (not finite) at epoch "
+                        f"{epoch + 1}, step {step + 1}; stopped without saving this state. "
+                        f"{self._checkpoint_path()} holds epoch {last}: lower --lr or check "
+                        "the data for extreme values, then start again or --resume")
+                if c.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                partial[0] += total
+                partial[1] += len(batch)
+                self.reporter.step(epoch, step, steps, total / len(batch))
+                stop = stop or (self.stop.set and not self.dist.enabled)  # DDP: next step
+                if stop and step + 1 < steps:
+                    state = self._state(model, optimizer, scheduler, history, best, scaling,
+                                        epoch, step + 1, partial, perm, gen,
+                                        seconds0 + time.perf_counter() - t_epoch)
+                    if self.dist.main:
+                        self._save(state, best=False)
+                    self.dist.barrier()
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {epoch + 1}, step {step + 1}/{steps}; saved "
+                        f"{self._checkpoint_path()}: continue with the same command and --resume")
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": partial[0] / partial[1]}
+            last_epoch = epoch + 1 == c.epochs
+            if (epoch + 1) % c.val_every == 0 or last_epoch:
+                row.update(self.validate(model, val, scaling))
+            else:
+                row.update({"val_loss": None, "val_mae": None, "val_accuracy": None})
+            validated = (epoch + 1) % c.val_every == 0 or last_epoch
+            is_best = validated and self._is_better(row, best)
+            row["lr"] = lr
+            row["seconds"] = seconds0 + time.perf_counter() - t_epoch
+            history.append(row)
+            if is_best:
+                best = dict(row)
+            state = self._state(model, optimizer, scheduler, history, best, scaling, epoch + 1,
+                                0, [0.0, 0.0], None, None, 0.0)
+            meta = self._meta(model, source, scaling, train, val, epoch + 1, best or row) \
+                if is_best else None
+            self._write_outputs(state, history, is_best, model, meta)
+            self.dist.barrier()
+            self.reporter.epoch({**row, "best": is_best})
+            if self._agree_stop() and not last_epoch:
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch + 1}; saved {self._checkpoint_path()}: "
+                    "continue with the same command and --resume")
+        return history, best
+
+    def _state(self, model: BagNet3D, optimizer: torch.optim.Optimizer, scheduler: Any,
+               history: list[dict[str, Any]], best: dict[str, Any] | None,
+               scaling: dict[str, float] | None, epoch: int, step: int, partial: list[float],
+               perm: list[int] | None, gen: torch.Generator | None, seconds: float
+               ) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "brainbag": __version__,
+            "epoch": epoch,
+            "step": step,
+            "partial": list(partial),
+            "perm": torch.tensor(perm) if perm is not None else None,
+            "generator": gen.get_state() if gen is not None else None,
+            "epoch_seconds": seconds,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device)
+                    if self.device.type == "cuda" else None},
+            "history": history,
+            "best": best,
+            "age_scaling": scaling,
+            "split_source": self._split_source,
+            "config": self.config.to_dict(),
+        }
+
+
+def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    lines = ["\t".join(METRICS_COLUMNS)]
+    for row in history:
+        cells = []
+        for col in METRICS_COLUMNS:
+            v = row.get(col)
+            if v is None:
+                cells.append("")
+            elif col == "epoch":
+                cells.append(str(int(v)))
+            elif col == "seconds":
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append(f"{v:.8g}")
+        lines.append("\t".join(cells))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def model_card(meta: WeightsMeta) -> str:
+    """A model-card stub with the measured validation figures."""
+    t = meta.training
+    val = t.get("validation", {})
+
+    def fig(key: str, fmt: str, unit: str = "") -> str:
+        v = val.get(key)
+        return "not measured" if v is None else f"{v:{fmt}}{unit}"
+
+    return f"""# Model card: {meta.id}
+
+*Written by brainbag {meta.code_version}. A stub: complete the sections marked TODO.*
+
+## Model
+- Architecture: BagNet-3D (half-width 3D ResNet-50 body), receptive field {meta.rf} mm,
+  padding {meta.arch_kwargs.get('padding')}, width {meta.arch_kwargs.get('width')}
+- Heads: {', '.join(meta.heads)}; task `{t.get('task')}`; loss {t.get('loss')}
+- Age target scaling: {meta.age_scaling}
+
+## Training data
+- Data: {t.get('data')} (layout {t.get('layout')}), licence: {t.get('licence')}
+- Split: {t.get('split')}
+- Images: {t.get('images')}; subjects: {t.get('subjects')}
+- Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
+  seed {t.get('seed')}; precision {t.get('precision')}
+
+## Validation (best epoch {t.get('best_epoch')}, selected by {t.get('selected_by')},
+{t.get('val_view')} view)
+- Age MAE: {fig('val_mae', '.2f', ' years')}
+- Sex accuracy: {fig('val_accuracy', '.3f')}
+- Loss: {fig('val_loss', '.4f')}
+
+Test-set figures: run `brainbag evaluate DATA --weights weights.safetensors --split test`.
+
+## Intended use and limitations
+Research use only; not a medical device. TODO: populations and scanners the training data
+covers, known failure modes.
+"""
+
+
+def run_training(config: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
+                 explicit: Iterable[str] = ()) -> TrainResult:
+    """Run (or ``resume``) the training that ``config`` describes."""
+    trainer = Trainer(config, reporter, resume)
+    try:
+        return trainer.run(explicit)
+    finally:
+        if trainer.dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def read_run_config(out: Path) -> TrainConfig:
+    """The resolved configuration a run wrote to ``out/config.toml``."""
+    return TrainConfig.from_dict(read_toml(out / "config.toml"), str(out / "config.toml"))

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brainbag.errors import UsageError
+from brainbag.evaluate import (
+    EvaluateSettings,
+    WeightsResult,
+    age_metrics,
+    roc_auc,
+    scatter_png,
+    select_records,
+    sex_metrics,
+    table_tsv,
+)
+
+
+def test_age_metrics_on_an_exact_example() -> None:
+    true = [20.0, 40.0, 60.0, 80.0]
+    pred = [30.0, 45.0, 55.0, 70.0]  # error = 10, 5, -5, -10: regression to the mean
+    m = age_metrics(true, pred)
+    assert m["n"] == 4 and m["mae"] == pytest.approx(7.5)
+    assert m["rmse"] == pytest.approx(np.sqrt((100 + 25 + 25 + 100) / 4))
+    assert m["mean_error"] == pytest.approx(0.0)
+    # least squares of the error on the centred age: -700 / 2000; intercept 0 + 0.35 * 50
+    assert m["bias_slope"] == pytest.approx(-0.35) and m["bias_intercept"] == pytest.approx(17.5)
+    assert m["r"] == pytest.approx(np.corrcoef(true, pred)[0, 1])
+    perfect = age_metrics(true, true)
+    assert perfect["mae"] == 0 and perfect["r"] == pytest.approx(1) and perfect[
+        "bias_slope"] == pytest.approx(0, abs=1e-12)
+    constant = age_metrics(true, [50.0] * 4)
+    assert constant["r"] is None and constant["bias_slope"] == pytest.approx(-1)
+    assert age_metrics([], [])["mae"] is None
+
+
+def _auc_brute(y: list[bool], s: list[float]) -> float:
+    pairs = [(a, b) for a, b in itertools.product(range(len(y)), repeat=2) if y[a] and not y[b]]
+    return sum(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b in pairs) / len(
+        pairs)
+
+
+def test_auc_counts_ties_as_one_half() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = list(rng.integers(0, 2, 15).astype(bool))
+        s = list(rng.integers(0, 5, 15) / 4)  # many ties
+        if all(y) or not any(y):
+            continue
+        assert roc_auc(y, s) == pytest.approx(_auc_brute(y, s))
+    assert roc_auc([True, False], [0.9, 0.1]) == 1.0
+    assert roc_auc([True, True], [0.9, 0.1]) is None
+    m = sex_metrics([True, True, False, False], [0.9, 0.4, 0.6, 0.1])
+    assert m["accuracy"] == 0.5 and m["auc"] == 0.75 and (m["n_female"], m["n_male"]) == (2, 2)
+
+
+def test_table_and_scatter(tmp_path: Path) -> None:
+    rows = [{"age": a, "predicted_age": a + d} for a, d in ((25.0, 3.0), (50.0, -2.0),
+                                                              (70.0, -6.0))]
+    results = [
+        WeightsResult(Path("a.safetensors"), "rf9", 9, ["age", "sex"], rows,
+                      {"images": 3, "age": age_metrics([25, 50, 70], [28, 48, 64]),
+                       "sex": {"accuracy": 0.5, "auc": 0.75}}),
+        WeightsResult(Path("b.safetensors"), "rf17-sex", 17, ["sex"], [],
+                      {"images": 3, "sex": {"accuracy": 1.0, "auc": 1.0}}),
+    ]
+    lines = table_tsv(results).splitlines()
+    assert lines[0].split("\t") == ["weights", "rf", "heads", "n", "age_mae", "age_rmse",
+                                    "age_r", "age_bias_slope", "sex_accuracy", "sex_auc"]
+    assert lines[1].split("\t")[:5] == ["rf9", "9", "age+sex", "3", "3.6667"]
+    assert lines[2].split("\t")[4:8] == ["", "", "", ""]  # no age head: empty, not zero
+    png = tmp_path / "scatter.png"
+    scatter_png(png, results[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["scatter.png"]
+
+
+def test_a_split_needs_a_split_file(tmp_path: Path) -> None:
+    table = tmp_path / "p.tsv"
+    table.write_text("participant_id\tage\tsex\tt1w\nA\t30\tF\ta.nii\n")
+    settings = EvaluateSettings(data=table, weights=(tmp_path / "w.safetensors",),
+                                split="test")
+    with pytest.raises(UsageError, match="--split test needs.*--split-file"):
+        select_records(settings)
+    with pytest.raises(UsageError):
+        EvaluateSettings(data=table, weights=(), split="test").validate()
