@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,14 @@ def test_debug_shows_the_traceback(tmp_path: Path, debug: bool) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert ("Traceback" in result.stderr) is debug
+
+
+def test_predict_asks_for_huge_pages_before_torch_is_imported() -> None:
+    code = ("import os, sys; from typer.testing import CliRunner; from brainbag.cli import app; "
+            "assert 'torch' not in sys.modules; "
+            "CliRunner().invoke(app, ['predict', 'missing.nii.gz', '--weights', 'w.safetensors']); "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.split() == ["1", "True"]
