@@ -21,7 +21,9 @@ and backends) and times SFCN (bench/sfcn.py) as a peer anchor.
 * variants: ``fast`` (the default inference path), ``naive`` (the module-by-module path as before
   the speed work, without transparent huge pages), and ablations that switch one optimisation off:
   ``no-thp``, ``no-fold`` (stem as two convolutions), ``stock-norm`` (torch's instance_norm),
-  ``ncdhw`` (no channels-last).
+  ``ncdhw`` (the same oneDNN convolutions and norms on NCDHW tensors); and ``compile``:
+  ``torch.compile`` (inductor) of the module path, whose compile time shows in "first" (needs a
+  C++ compiler).
 * ``--rounds R`` repeats the whole sweep R times so that configurations interleave; medians are
   over all rounds. Use it on a busy machine, and say that the machine was busy.
 """
@@ -44,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VOLUME = (182, 218, 182)
-VARIANTS = ("fast", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw")
+VARIANTS = ("fast", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw", "compile")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -95,11 +97,12 @@ def _apply_variant(variant: str) -> None:
 
         M.BagNet3D._stem_fast = two_convs  # type: ignore[method-assign]
     elif variant == "ncdhw":
-        original = M.conv3d_fast
-
         def ncdhw(x: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any
-                  ) -> torch.Tensor:
-            return original(x, weight, stride, padding).contiguous()
+                  ) -> torch.Tensor:  # the same oneDNN convolution on NCDHW tensors
+            s = [stride] * 3 if isinstance(stride, int) else list(stride)
+            p = [padding] * 3 if isinstance(padding, int) else list(padding)
+            return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.to(x.dtype), None,
+                                                     p, s, [1, 1, 1], 1)
 
         M.conv3d_fast = ncdhw  # type: ignore[assignment]
 
@@ -123,7 +126,9 @@ def worker_bagnet(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     config = BagNetConfig.for_rf(cfg["rf"])
     model = BagNet3D(config).eval()
-    model.fast_inference = cfg["variant"] != "naive"
+    model.fast_inference = cfg["variant"] not in ("naive", "compile")
+    if cfg["variant"] == "compile":
+        model.features_reference = torch.compile(model.features_reference)  # type: ignore[method-assign]
     shape = tuple(cfg["shape"])
     volume = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     settings = InferenceSettings(mode=cfg["mode"], batch_size=cfg["batch_size"],

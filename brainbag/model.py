@@ -309,30 +309,37 @@ _EPS = 1e-5  # torch.nn.InstanceNorm3d's default, used by every norm of the mode
 def instance_stats(x: torch.Tensor, eps: float = _EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and 1/sqrt(var + eps) of ``(B, C, D, H, W)``, float32."""
     b, c = x.shape[:2]
-    if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last_3d):
+    if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last_3d):
+        v, dim = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c), 1  # a view: (B, voxels, C)
+    elif x.device.type == "cpu" and x.is_contiguous():
+        v, dim = x.reshape(b, c, -1), 2  # (B, C, voxels)
+    else:  # GPUs reduce fast and accurately in one kernel
         wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var, mean = torch.var_mean(wide, dim=(2, 3, 4), correction=0)
         return mean, torch.rsqrt(var + eps)
-    v = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view for channels-last memory
-    n = v.shape[1]
+    n = v.shape[dim]
     step = max(1, _STATS_CHUNK // (b * c))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tmp = torch.empty((b, min(step, n), c), dtype=acc)
+    tmp = torch.empty(v.shape[:dim] + (min(step, n),) + v.shape[dim + 1 :], dtype=acc)
     means, m2s, counts = [], [], []
     for i in range(0, n, step):
-        block = v[:, i : i + step]
-        t = tmp[:, : block.shape[1]]
-        t.copy_(block)
-        m = t.mean(dim=1, keepdim=True)
-        t.sub_(m).square_()
+        block = v.narrow(dim, i, min(step, n - i))
+        t = tmp.narrow(dim, 0, block.shape[dim])
+        if block.dtype == acc:
+            m = block.mean(dim=dim, keepdim=True)
+            torch.sub(block, m, out=t)
+        else:
+            t.copy_(block)
+            m = t.mean(dim=dim, keepdim=True)
+            t.sub_(m)
         means.append(m)
-        m2s.append(t.sum(dim=1, keepdim=True))
-        counts.append(block.shape[1])
-    mu = torch.cat(means, dim=1)
-    cnt = torch.tensor(counts, dtype=acc).view(1, -1, 1)
-    mean = (mu * cnt).sum(dim=1, keepdim=True) / n
-    var = (torch.cat(m2s, dim=1).sum(dim=1) + (cnt * (mu - mean).square()).sum(dim=1)) / n
-    return mean[:, 0], torch.rsqrt(var + eps)
+        m2s.append(t.square_().sum(dim=dim, keepdim=True))
+        counts.append(block.shape[dim])
+    mu = torch.cat(means, dim=dim)
+    cnt = torch.tensor(counts, dtype=acc).view([-1 if d == dim else 1 for d in range(3)])
+    mean = (mu * cnt).sum(dim=dim, keepdim=True) / n
+    var = (torch.cat(m2s, dim=dim).sum(dim=dim) + (cnt * (mu - mean).square()).sum(dim=dim)) / n
+    return mean.squeeze(dim), torch.rsqrt(var + eps)
 
 
 def _norm_act_(x: torch.Tensor, norm: bool, relu: bool) -> torch.Tensor:
