@@ -291,6 +291,11 @@ def conv3d_fast(
     PyTorch's own choice sends 1x1x1 convolutions to a slow im2col path that copies the
     channels-last input (with one thread or for small batches)."""
     weight = weight.to(x.dtype)
+    if weight.shape[1] == 1:
+        # With one input channel torch cannot tell channels-last from contiguous and would
+        # return an NCDHW output, which the next layer then copies: give it channels-last strides.
+        k = weight.shape[2:]
+        weight = weight.as_strided(weight.shape, (math.prod(k), 1, k[1] * k[2], k[2], 1))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         s = [stride] * 3 if isinstance(stride, int) else list(stride)
         p = [padding] * 3 if isinstance(padding, int) else list(padding)

@@ -179,3 +179,27 @@ def test_optimised_paths_stay_within_the_bounds_on_a_real_scan(mode: str) -> Non
     corr = np.corrcoef(age[cells], ref_age[cells])[0, 1]
     shifted = np.corrcoef(np.roll(ref_age, 1, axis=0)[cells], ref_age[cells])[0, 1]
     assert corr > 0.8 and shifted < 0.5, (corr, shifted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_fast_path_activation_is_channels_last(dtype, monkeypatch) -> None:
+    """A layout change between layers would copy a whole activation (0.5-1 GB at full size)."""
+    from brainbag import model as M
+
+    if dtype == torch.bfloat16 and not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bfloat16 support in oneDNN")
+
+    seen = []
+    conv = M.conv3d_fast
+
+    def spy(x, weight, stride, padding):
+        out = conv(x, weight, stride, padding)
+        seen.append((x.is_contiguous(memory_format=CL), out.is_contiguous(memory_format=CL)))
+        return out
+
+    monkeypatch.setattr(M, "conv3d_fast", spy)
+    model = BagNet3D(BagNetConfig.for_rf(9, width=4)).eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        model(torch.randn(1, 1, 24, 32, 16))
+    assert len(seen) == 1 + 3 * 16 + 4  # stem, 16 blocks, 4 projection shortcuts
+    assert all(i and o for i, o in seen), seen
