@@ -168,6 +168,11 @@ def predict(
         PrecisionOpt,
         typer.Option("--precision", help="bf16 autocast on GPUs and CPUs that support it."),
     ] = PrecisionOpt.fp32,
+    threads: Annotated[
+        int,
+        typer.Option("--threads", help="CPU threads; 0 = one per physical core, at most the CPUs "
+                     "this process may use. On a busy machine, fewer is faster."),
+    ] = 0,
     no_resample: Annotated[
         bool,
         typer.Option("--no-resample", help="Refuse inputs that are not 1 mm isotropic instead "
@@ -238,6 +243,7 @@ def predict(
             batch_size=batch_size,
             device=device.value,
             precision=precision.value,
+            threads=threads,
         ),
         resample=not no_resample,
         map_space=map_space.value,
