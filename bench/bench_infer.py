@@ -212,12 +212,52 @@ def worker_peak(cfg: dict[str, Any]) -> dict[str, Any]:
     return rates
 
 
+def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Scans per minute of the whole ``brainbag predict`` pipeline (load, conform, infer, write)
+    over ``--e2e N`` copies of one scan, with random full-size weights."""
+    import torch
+
+    from brainbag.inference import InferenceSettings
+    from brainbag.model import BagNet3D, BagNetConfig
+    from brainbag.predict import PredictSettings, run_predict
+    from brainbag.weights import random_weights_meta, save_weights
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = BagNet3D(BagNetConfig.for_rf(cfg["rf"]))
+        weights = work / "random.safetensors"
+        save_weights(weights, model, random_weights_meta(model, "bench-random"))
+        scans = []
+        for i in range(cfg["n"]):
+            link = work / "in" / f"sub-{i:03d}_T1w.nii.gz"
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(Path(cfg["scan"]).resolve())
+            scans.append(link)
+        settings = PredictSettings(
+            out=work / "out", weights=str(weights),
+            inference=InferenceSettings(mode=cfg["mode"], precision=cfg["precision"],
+                                        device=cfg["device"], batch_size=cfg["batch_size"],
+                                        threads=cfg["threads"]))
+        run_predict(scans[:1], settings)  # warm-up: weights load, kernel set-up
+        t0 = time.perf_counter()
+        records = run_predict(scans, settings)
+        seconds = time.perf_counter() - t0
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} scans failed: {failed[0].get('error')}")
+    return {"seconds": seconds, "per_minute": 60 * len(scans) / seconds,
+            "stages": {k: statistics.median(r["timings_s"][k] for r in records)
+                       for k in ("load", "preprocess", "inference", "write")}}
+
+
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    out = {"peak": worker_peak, "bagnet": worker_bagnet, "sfcn": worker_sfcn}[cfg["kind"]](cfg)
+    kinds = {"peak": worker_peak, "bagnet": worker_bagnet, "sfcn": worker_sfcn, "e2e": worker_e2e}
+    out = kinds[cfg["kind"]](cfg)
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -276,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, nargs=3, default=[160, 160, 128])
     p.add_argument("--batch-size", type=int, default=1, help="windows per pass (sliding)")
     p.add_argument("--no-sfcn", action="store_true", help="skip the SFCN peer anchor")
+    p.add_argument("--e2e", type=int, default=0, metavar="N",
+                   help="also time `brainbag predict` end to end on N copies of --scan "
+                   "(scans per minute; first RF, mode and precision given)")
+    p.add_argument("--scan", default=str(REPO / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"),
+                   help="scan for --e2e")
+    p.add_argument("--only-e2e", action="store_true", help="skip the table, run --e2e only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -285,6 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     common = {"device": args.device, "threads": args.threads, "runs": args.runs}
     print(f"machine: {machine(args.device)}")
     print(f"command: python bench/bench_infer.py {' '.join(argv or sys.argv[1:])}")
+    if args.e2e:
+        cfg = {"kind": "e2e", "rf": args.rf[0], "mode": args.mode[0],
+               "precision": args.precision[0], "n": args.e2e, "scan": args.scan,
+               "batch_size": args.batch_size, **common}
+        r = run_child(cfg)
+        if "error" in r:
+            print(f"end to end: failed: {r['error']}")
+        else:
+            stages = ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items())
+            print(f"end to end: {args.e2e} x {Path(args.scan).name}, RF {cfg['rf']} "
+                  f"{cfg['mode']} {cfg['precision']}: {r['seconds']:.1f} s, "
+                  f"{r['per_minute']:.1f} scans/minute (median per scan: {stages})")
+        if args.only_e2e:
+            return 0
+
     peak = run_child({"kind": "peak", **common})
     if "error" in peak:
         print(f"peak-rate measurement failed: {peak['error']}")
