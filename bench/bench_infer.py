@@ -247,8 +247,8 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     if failed:
         raise RuntimeError(f"{len(failed)} scans failed: {failed[0].get('error')}")
     return {"seconds": seconds, "per_minute": 60 * len(scans) / seconds,
-            "stages": {k: statistics.median(r["timings_s"][k] for r in records)
-                       for k in ("load", "preprocess", "inference", "write")}}
+            "stages": {k: statistics.median(r["timings_s"].get(k, 0.0) for r in records)
+                       for k in records[0]["timings_s"] if k != "total"}}
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
