@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,13 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
             link.symlink_to(Path(cfg["scan"]).resolve())
             scans.append(link)
         settings = PredictSettings(
-            out=work / "out", weights=str(weights),
+            out=work / "out", weights=str(weights), jobs=cfg["jobs"], png=False,
             inference=InferenceSettings(mode=cfg["mode"], precision=cfg["precision"],
                                         device=cfg["device"], batch_size=cfg["batch_size"],
                                         threads=cfg["threads"]))
-        run_predict(scans[:1], settings)  # warm-up: weights load, kernel set-up
+        # warm-up (weights load, kernel set-up) into its own folder: a batch refuses a
+        # non-empty output folder
+        run_predict(scans[:1], replace(settings, out=work / "warm-up"))
         t0 = time.perf_counter()
         records = run_predict(scans, settings)
         seconds = time.perf_counter() - t0
@@ -254,8 +257,9 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
+    from brainbag.inference import resolve_threads
+
+    resolve_threads(cfg.get("threads", 0))  # as `brainbag predict --threads` does
     kinds = {"peak": worker_peak, "bagnet": worker_bagnet, "sfcn": worker_sfcn, "e2e": worker_e2e}
     out = kinds[cfg["kind"]](cfg)
     out["threads"] = torch.get_num_threads()
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration and round")
     p.add_argument("--rounds", type=int, default=1, help="repeat the sweep, interleaving configs")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: auto, as `brainbag predict --threads 0`)")
     p.add_argument("--shape", type=int, nargs=3, default=list(VOLUME), help="volume, voxels")
     p.add_argument("--window", type=int, nargs=3, default=[160, 160, 128])
     p.add_argument("--batch-size", type=int, default=1, help="windows per pass (sliding)")
@@ -321,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(scans per minute; first RF, mode and precision given)")
     p.add_argument("--scan", default=str(REPO / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"),
                    help="scan for --e2e")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="--e2e: read-ahead threads, as `brainbag predict --jobs`")
     p.add_argument("--only-e2e", action="store_true", help="skip the table, run --e2e only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -334,14 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e:
         cfg = {"kind": "e2e", "rf": args.rf[0], "mode": args.mode[0],
                "precision": args.precision[0], "n": args.e2e, "scan": args.scan,
-               "batch_size": args.batch_size, **common}
+               "batch_size": args.batch_size, "jobs": args.jobs, **common}
         r = run_child(cfg)
         if "error" in r:
             print(f"end to end: failed: {r['error']}")
         else:
             stages = ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items())
             print(f"end to end: {args.e2e} x {Path(args.scan).name}, RF {cfg['rf']} "
-                  f"{cfg['mode']} {cfg['precision']}: {r['seconds']:.1f} s, "
+                  f"{cfg['mode']} {cfg['precision']}, {r['threads']} threads, "
+                  f"--jobs {args.jobs}: {r['seconds']:.1f} s, "
                   f"{r['per_minute']:.1f} scans/minute (median per scan: {stages})")
         if args.only_e2e:
             return 0

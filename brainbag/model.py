@@ -293,8 +293,11 @@ def conv3d_fast(
     weight = weight.to(x.dtype)
     if weight.shape[1] == 1:
         # With one input channel torch cannot tell channels-last from contiguous and would
-        # return an NCDHW output, which the next layer then copies: give it channels-last strides.
+        # return an NCDHW output, which the next layer then copies: give it channels-last strides
+        # (over dense memory: a model moved to channels_last_3d, as training does, may hand over
+        # a weight with permuted strides).
         k = weight.shape[2:]
+        weight = weight.contiguous()
         weight = weight.as_strided(weight.shape, (math.prod(k), 1, k[1] * k[2], k[2], 1))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         s = [stride] * 3 if isinstance(stride, int) else list(stride)

@@ -203,3 +203,95 @@ def test_every_fast_path_activation_is_channels_last(dtype, monkeypatch) -> None
         model(torch.randn(1, 1, 24, 32, 16))
     assert len(seen) == 1 + 3 * 16 + 4  # stem, 16 blocks, 4 projection shortcuts
     assert all(i and o for i, o in seen), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_model_moved_to_channels_last_runs_the_same_function(dtype) -> None:
+    """Training (issue 6) moves the model to ``channels_last_3d`` and validates under no_grad,
+    which runs the fast path with permuted-stride weights (the folded stem's included)."""
+    torch.manual_seed(5)
+    model = BagNet3D(BagNetConfig.for_rf(17, width=4)).to(dtype)
+    x = torch.randn(2, 1, 36, 40, 32, dtype=dtype)
+    with torch.no_grad():
+        ref = model.head(model.features_reference(x).mean(dim=(2, 3, 4)))
+        ref_map = model.features_reference(x)
+    model = model.to(memory_format=CL)  # type: ignore[call-overload]
+    assert not model.stem2.weight.is_contiguous()
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=CL)):
+            np.testing.assert_allclose(model.pooled(inp).numpy(), ref.numpy(),
+                                       atol=tol * ref.abs().max().item())
+            np.testing.assert_allclose(model.features(inp).numpy(), ref_map.numpy(),
+                                       atol=tol * ref_map.abs().max().item())
+
+
+def test_training_steps_then_fast_evaluation_follow_the_updated_weights() -> None:
+    """Train as issue 6 does (Adam on ``pooled``, fp32 and bf16 autocast steps, a channels-last
+    model): every step differentiates the module path and changes the weights, and evaluation
+    under no_grad (the fast path) computes the updated network, nothing cached from before."""
+    torch.manual_seed(6)
+    model = BagNet3D(BagNetConfig.for_rf(9, width=4)).to(memory_format=CL).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 1, 32, 32, 24)
+    target = torch.tensor([[0.5, 1.0], [-0.5, 0.0]])
+    with torch.no_grad():
+        before = model.pooled(x)
+    for bf16 in (False, True, False):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.pooled(x)
+        assert out.requires_grad
+        loss = F.mse_loss(out.float(), target)
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            assert p.grad.abs().sum() > 0, n
+        opt.step()
+        assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        fast = model.pooled(x)
+        ref = model.head(model.features_reference(x).mean(dim=(2, 3, 4)))
+    assert (fast - before).abs().max() > 100 * (fast - ref).abs().max()
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-4 * ref.abs().max().item())
+
+
+def test_batch_predict_runs_the_fast_path_with_read_ahead(tmp_path, tiny_weights,
+                                                          monkeypatch) -> None:
+    """The batch Predictor (prepare in a read-ahead thread, infer in the caller's) runs every
+    scan through the fast path, with the thread count asked for, recorded per input."""
+    import json
+    import threading
+
+    from conftest import make_affine, save
+
+    from brainbag.predict import PredictSettings, run_predict
+
+    calls: list[str] = []
+    fast = BagNet3D._features_fast
+
+    def spy(self: BagNet3D, x: torch.Tensor) -> torch.Tensor:
+        calls.append(threading.current_thread().name)
+        return fast(self, x)
+
+    monkeypatch.setattr(BagNet3D, "_features_fast", spy)
+    rng = np.random.default_rng(0)
+    scans = []
+    for i in range(3):
+        data = np.zeros((40, 44, 36), np.float32)
+        data[5:-5, 5:-5, 5:-5] = rng.uniform(50, 150, (30, 34, 26))
+        scans.append(save(data, make_affine(), tmp_path / f"s{i}.nii.gz"))
+    settings = PredictSettings(out=tmp_path / "out", weights=str(tiny_weights()), force=True,
+                               jobs=1, png=False,
+                               inference=InferenceSettings(mode="full", threads=1))
+    threads = torch.get_num_threads()
+    try:
+        records = run_predict(scans, settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert calls == [threading.current_thread().name] * 3
+    for i in range(3):
+        saved = json.loads((tmp_path / "out" / f"s{i}" / "prediction.json").read_text())
+        assert saved["threads"] == 1
