@@ -34,7 +34,7 @@ REQUIRED_COLUMNS = tuple(c for c in TSV_COLUMNS if c != "output")
 NOT_RESULT_SETTINGS = {"out", "weights", "rf", "mask", "mask_pattern", "png", "jobs", "resume",
                        "overwrite", "manifests", "cache_dir", "offline", "force",
                        "save_conformed"}
-NOT_RESULT_INFERENCE = {"device", "batch_size"}
+NOT_RESULT_INFERENCE = {"device", "batch_size", "threads"}
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -58,6 +60,7 @@ class InferenceSettings:
     batch_size: int = 1
     device: str = "auto"
     precision: Precision = "fp32"
+    threads: int = 0  # CPU threads; 0 = auto (see resolve_threads)
 
     def validate(self, stride: int = 8) -> None:
         if self.mode not in ("sliding", "full"):
@@ -73,6 +76,8 @@ class InferenceSettings:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0 = auto), got {self.threads}")
 
 
 @dataclass
@@ -100,6 +105,46 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
+    (containers often see every core of the host but may only use a few)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPU quota in CPUs from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_*``; None if unlimited."""
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        v1_quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        v1_period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return v1_quota / v1_period if v1_quota > 0 and v1_period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_threads(threads: int) -> int:
+    """Set torch's CPU thread count and return it.
+
+    ``threads > 0`` is used as given. ``0`` (auto) keeps torch's default (one thread per physical
+    core, or ``OMP_NUM_THREADS`` when set) but never more than :func:`available_cpus`: more
+    threads than CPUs makes every parallel operation wait for a descheduled thread.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
+    return torch.get_num_threads()
 
 
 def bf16_supported(device: torch.device) -> bool:

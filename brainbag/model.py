@@ -12,6 +12,15 @@ RF-sized cube around it; the residual is cropped by ``(k - 1) / 2`` on every sid
 before the (strided) shortcut, so the two branches stay centred on the same voxels.
 
 Models are built only through :data:`ARCHITECTURES` from plain data (name + kwargs).
+
+Speed. Without autograd (``torch.no_grad`` / ``torch.inference_mode``) ``forward`` runs a fast
+path that computes exactly the same function: channels-last (NDHWC) activations, the two stem
+convolutions folded into one 1->32 3x3x3 convolution (``stem1`` is linear, bias-free and has one
+input channel, so ``stem2(stem1(x))`` is a single convolution with weight ``W2 @ W1``; zero
+padding commutes with it), InstanceNorm as float32 statistics plus one in-place scale-and-shift,
+ReLU in place, and an explicit compute dtype (bfloat16 when called under ``torch.autocast`` with
+that dtype; statistics, head and output stay float32). With autograd on, the module path runs,
+so training is unchanged; both paths share the parameters and the state_dict keys.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BLOCKS = (3, 4, 6, 3)
@@ -122,7 +132,7 @@ class Bottleneck(nn.Module):
         self.norm3 = _norm(norm, cout)
         self.relu = nn.ReLU(inplace=True)
         self.crop = (kernel - 1) // 2 if padding == "valid" else 0
-        self.shortcut: nn.Module | None = None
+        self.shortcut: nn.Sequential | None = None
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
                 nn.Conv3d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout)
@@ -139,6 +149,21 @@ class Bottleneck(nn.Module):
         if self.shortcut is not None:
             residual = self.shortcut(residual)
         return self.relu(out + residual)
+
+    def forward_fast(self, x: torch.Tensor, norm: bool) -> torch.Tensor:
+        """Inference-only forward (no autograd): channels-last, in-place norm and ReLU."""
+        out = _conv(x, self.conv1)
+        _norm_act_(out, norm, relu=True)
+        out = _conv(out, self.conv2)
+        _norm_act_(out, norm, relu=True)
+        out = _conv(out, self.conv3)
+        residual = x
+        if self.crop:
+            c = self.crop
+            residual = residual[:, :, c:-c, c:-c, c:-c]
+        if self.shortcut is None:
+            return _norm_add_relu_(out, norm, residual, residual_norm=False)
+        return _norm_add_relu_(out, norm, _conv(residual, self.shortcut[0]), residual_norm=norm)
 
 
 class BagNet3D(nn.Module):
@@ -198,19 +223,164 @@ class BagNet3D(nn.Module):
         return {h: i for i, h in enumerate(self.config.heads)}
 
     # forward ---------------------------------------------------------------------------------
+    #: Use the fast path when autograd is off (set False on an instance to time or test the
+    #: plain module-by-module path).
+    fast_inference = True
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage features ``(B, 1024, D, H, W)``; the fast path when autograd is off."""
+        if self.fast_inference and not torch.is_grad_enabled():
+            return self._features_fast(x)
+        return self.features_reference(x)
+
+    def features_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The module-by-module forward (autograd-safe; what training differentiates)."""
         x = self.relu(self.stem_norm(self.stem2(self.stem1(x))))
         return self.stages(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Local prediction map: the linear head applied at every position."""
         f = self.features(x)
-        out = torch.einsum("bcdhw,oc->bodhw", f, self.head.weight.to(f.dtype))
-        return out + self.head.bias.to(out.dtype).view(1, -1, 1, 1, 1)
+        with torch.autocast(f.device.type, enabled=False):  # the head runs in the model's dtype
+            f = f.to(self.head.weight.dtype)
+            out = torch.einsum("bcdhw,oc->bodhw", f, self.head.weight)
+            return out + self.head.bias.view(1, -1, 1, 1, 1)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the fast path computes in: the autocast dtype if autocast is on."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.stem2.weight.dtype
+
+    def _features_fast(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype(x.device)
+        norm = self.config.norm == "instance"
+        with torch.autocast(x.device.type, enabled=False):
+            h = self._stem_fast(x.to(dtype=dtype, memory_format=torch.channels_last_3d))
+            _norm_act_(h, norm, relu=True)
+            for stage in self.stages:
+                assert isinstance(stage, nn.Sequential)
+                for block in stage:
+                    assert isinstance(block, Bottleneck)
+                    h = block.forward_fast(h, norm)
+        return h
+
+    def _stem_fast(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d_fast(x, folded_stem_weight(self), 1, self.stem2.padding)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Global prediction the way the network is trained: average, then linear."""
         return self.head(self.features(x).mean(dim=(2, 3, 4)))
+
+
+def folded_stem_weight(model: BagNet3D) -> torch.Tensor:
+    """The single 1->w 3x3x3 convolution equal to ``stem2(stem1(x))``: ``W2 @ W1``."""
+    w1 = model.stem1.weight[:, 0, 0, 0, 0]  # (w,): stem1 maps 1 channel to w by scaling
+    return torch.einsum("ocdhw,c->odhw", model.stem2.weight, w1).unsqueeze(1)
+
+
+def _conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    assert isinstance(conv, nn.Conv3d)
+    return conv3d_fast(x, conv.weight, conv.stride, conv.padding)
+
+
+def conv3d_fast(
+    x: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any
+) -> torch.Tensor:
+    """A bias-free Conv3d in ``x``'s dtype. On CPU, float32 and bfloat16 always go to oneDNN:
+    PyTorch's own choice sends 1x1x1 convolutions to a slow im2col path that copies the
+    channels-last input (with one thread or for small batches)."""
+    weight = weight.to(x.dtype)
+    if weight.shape[1] == 1:
+        # With one input channel torch cannot tell channels-last from contiguous and would
+        # return an NCDHW output, which the next layer then copies: give it channels-last strides
+        # (over dense memory: a model moved to channels_last_3d, as training does, may hand over
+        # a weight with permuted strides).
+        k = weight.shape[2:]
+        weight = weight.contiguous()
+        weight = weight.as_strided(weight.shape, (math.prod(k), 1, k[1] * k[2], k[2], 1))
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        s = [stride] * 3 if isinstance(stride, int) else list(stride)
+        p = [padding] * 3 if isinstance(padding, int) else list(padding)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        return torch.ops.aten.mkldnn_convolution(x, weight, None, p, s, [1, 1, 1], 1)
+    return F.conv3d(x, weight, None, stride, padding)
+
+
+# InstanceNorm statistics are reduced in chunks of about this many elements: each chunk is
+# centred on its own mean while it is in cache and the chunks are combined exactly (Chan et al.),
+# so one pass over memory gives float32-accurate mean and variance.
+_STATS_CHUNK = 1 << 21
+_EPS = 1e-5  # torch.nn.InstanceNorm3d's default, used by every norm of the model
+
+
+def instance_stats(x: torch.Tensor, eps: float = _EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and 1/sqrt(var + eps) of ``(B, C, D, H, W)``, float32."""
+    b, c = x.shape[:2]
+    if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last_3d):
+        v, dim = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c), 1  # a view: (B, voxels, C)
+    elif x.device.type == "cpu" and x.is_contiguous():
+        v, dim = x.reshape(b, c, -1), 2  # (B, C, voxels)
+    else:  # GPUs reduce fast and accurately in one kernel
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(wide, dim=(2, 3, 4), correction=0)
+        return mean, torch.rsqrt(var + eps)
+    n = v.shape[dim]
+    step = max(1, _STATS_CHUNK // (b * c))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tmp = torch.empty(v.shape[:dim] + (min(step, n),) + v.shape[dim + 1 :], dtype=acc)
+    means, m2s, counts = [], [], []
+    for i in range(0, n, step):
+        block = v.narrow(dim, i, min(step, n - i))
+        t = tmp.narrow(dim, 0, block.shape[dim])
+        if block.dtype == acc:
+            m = block.mean(dim=dim, keepdim=True)
+            torch.sub(block, m, out=t)
+        else:
+            t.copy_(block)
+            m = t.mean(dim=dim, keepdim=True)
+            t.sub_(m)
+        means.append(m)
+        m2s.append(t.square_().sum(dim=dim, keepdim=True))
+        counts.append(block.shape[dim])
+    mu = torch.cat(means, dim=dim)
+    cnt = torch.tensor(counts, dtype=acc).view([-1 if d == dim else 1 for d in range(3)])
+    mean = (mu * cnt).sum(dim=dim, keepdim=True) / n
+    var = (torch.cat(m2s, dim=dim).sum(dim=dim) + (cnt * (mu - mean).square()).sum(dim=dim)) / n
+    return mean.squeeze(dim), torch.rsqrt(var + eps)
+
+
+def _norm_act_(x: torch.Tensor, norm: bool, relu: bool) -> torch.Tensor:
+    """In place: InstanceNorm (no affine) if ``norm``, then ReLU if ``relu``."""
+    if norm:
+        mean, rstd = instance_stats(x)
+        shape = (x.shape[0], x.shape[1], 1, 1, 1)
+        scale = rstd.view(shape)
+        torch.addcmul((-mean.view(shape) * scale).to(x.dtype), x, scale.to(x.dtype), out=x)
+    if relu:
+        x.relu_()
+    return x
+
+
+def _norm_add_relu_(
+    x: torch.Tensor, norm: bool, residual: torch.Tensor, residual_norm: bool
+) -> torch.Tensor:
+    """In place: ``relu(norm(x) + residual)``, ``residual`` normalised too if ``residual_norm``;
+    both normalisations go into two multiply-adds, with no normalised copy of the residual."""
+    if not norm:
+        return x.add_(residual).relu_()
+    shape = (x.shape[0], x.shape[1], 1, 1, 1)
+    mean, rstd = instance_stats(x)
+    shift = -mean * rstd
+    if residual_norm:
+        r_mean, r_rstd = instance_stats(residual)
+        shift = shift - r_mean * r_rstd
+    torch.addcmul(shift.view(shape).to(x.dtype), x, rstd.view(shape).to(x.dtype), out=x)
+    if residual_norm:
+        torch.addcmul(x, residual, r_rstd.view(shape).to(x.dtype), out=x)
+    else:
+        x.add_(residual)
+    return x.relu_()
 
 
 def count_parameters(model: nn.Module, include_head: bool = True) -> int:
@@ -235,8 +405,14 @@ def build_model(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
     return builder(kwargs)
 
 
-def macs_estimate(config: BagNetConfig, shape: tuple[int, int, int]) -> float:
-    """Multiply-adds of one forward pass over ``shape`` (same padding), for benchmarks."""
+def macs_estimate(
+    config: BagNetConfig, shape: tuple[int, int, int], folded_stem: bool = False
+) -> float:
+    """Multiply-adds of one forward pass over ``shape`` (same padding), for benchmarks.
+
+    ``folded_stem``: count the stem as the fast path runs it (one 1->w 3x3x3 convolution)
+    instead of as the architecture defines it (1x1x1 1->w, then 3x3x3 w->w).
+    """
     total = 0.0
     w = config.width
 
@@ -244,8 +420,11 @@ def macs_estimate(config: BagNetConfig, shape: tuple[int, int, int]) -> float:
         return float(math.prod(s))
 
     s = list(shape)
-    total += vox(s) * 1 * w  # stem1
-    total += vox(s) * w * w * 27  # stem2
+    if folded_stem:
+        total += vox(s) * w * 27
+    else:
+        total += vox(s) * 1 * w  # stem1
+        total += vox(s) * w * w * 27  # stem2
     cin = w
     for stage, (blocks, stride) in enumerate(zip(BLOCKS, STAGE_STRIDES, strict=True)):
         planes = w * 2**stage

@@ -57,6 +57,7 @@ from brainbag.inference import (
     predict_maps,
     resolve_device,
     resolve_precision,
+    resolve_threads,
 )
 from brainbag.io import (
     Image,
@@ -221,6 +222,7 @@ class Predictor:
         self.settings = settings
         settings.inference.validate()
         self.device = resolve_device(settings.inference.device)
+        self.threads = resolve_threads(settings.inference.threads)
         self.precision, self.precision_warning = resolve_precision(
             settings.inference.precision, self.device
         )
@@ -360,6 +362,7 @@ class Predictor:
             "mode": self.settings.inference.mode,
             "device": result.device,
             "precision": result.precision,
+            "threads": self.threads,
             "weights": {
                 "id": weights.id,
                 "sha256": weights.sha256,

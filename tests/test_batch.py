@@ -342,7 +342,7 @@ def test_resume_force_redoes_only_the_inputs_that_failed_their_checks(tmp_path: 
 def test_settings_fingerprint_ignores_speed_and_location_options(tmp_path: Path) -> None:
     base = PredictSettings(out=tmp_path / "a")
     same = PredictSettings(out=tmp_path / "b", jobs=4, png=True, resume=True,
-                           inference=InferenceSettings(batch_size=4, device="cpu"))
+                           inference=InferenceSettings(batch_size=4, device="cpu", threads=1))
     other = PredictSettings(out=tmp_path / "a", inference=InferenceSettings(overlap=0.5))
     assert settings_fingerprint(base.to_dict()) == settings_fingerprint(same.to_dict())
     assert settings_fingerprint(base.to_dict()) != settings_fingerprint(other.to_dict())

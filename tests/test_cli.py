@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,8 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0
     for option in ("--rf", "--weights", "--mask", "--mode", "--window", "--overlap",
                    "--batch-size", "--device", "--precision", "--no-resample", "--map-space",
-                   "--out", "--mask-pattern", "--resume", "--overwrite", "--jobs", "--png"):
+                   "--out", "--mask-pattern", "--resume", "--overwrite", "--jobs", "--png",
+                   "--threads"):
         assert option in result.stdout
 
 
@@ -77,7 +79,7 @@ def test_mask_on_another_grid_exit_1_one_line(tmp_path: Path, tiny_weights) -> N
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     img = _brain(tmp_path)
     for args in (["--rf", "13"], ["--overlap", "1.5"], ["--mode", "tiles"],
-                 ["--window", "30", "32", "32"], ["--no-such-option"]):
+                 ["--window", "30", "32", "32"], ["--threads", "-1"], ["--no-such-option"]):
         result = runner.invoke(app, ["predict", str(img), *args, "--out", str(tmp_path / "o")])
         assert result.exit_code == 2, (args, result.output)
 
@@ -114,6 +116,7 @@ def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -
         "--window", "64", "64", "48", "--overlap", "0.5", "--batch-size", "3", "--device", "cpu",
         "--precision", "bf16", "--no-resample", "--map-space", "input", "--out", str(tmp_path),
         "--mask-pattern", "{stem}_brain.nii.gz", "--jobs", "3", "--no-png", "--resume",
+        "--threads", "1",
     ])
     assert result.exit_code == 0, result.output
     s = seen["settings"]
@@ -123,8 +126,8 @@ def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -
     assert (s.mask_pattern, s.jobs, s.png, s.resume, s.overwrite) == (
         "{stem}_brain.nii.gz", 3, False, True, False)
     inf = s.inference
-    assert (inf.mode, inf.window, inf.overlap, inf.batch_size, inf.device, inf.precision) == (
-        "full", (64, 64, 48), 0.5, 3, "cpu", "bf16")
+    assert (inf.mode, inf.window, inf.overlap, inf.batch_size, inf.device, inf.precision,
+            inf.threads) == ("full", (64, 64, 48), 0.5, 3, "cpu", "bf16", 1)
 
 
 def test_predict_writes_outputs_and_a_table(tmp_path: Path, tiny_weights) -> None:
@@ -214,3 +217,14 @@ def test_debug_shows_the_traceback(tmp_path: Path, debug: bool) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert ("Traceback" in result.stderr) is debug
+
+
+def test_predict_asks_for_huge_pages_before_torch_is_imported() -> None:
+    code = ("import os, sys; from typer.testing import CliRunner; from brainbag.cli import app; "
+            "assert 'torch' not in sys.modules; "
+            "CliRunner().invoke(app, ['predict', 'missing.nii.gz', '--weights', 'w.safetensors']); "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.split() == ["1", "True"]

@@ -116,3 +116,23 @@ def test_non_finite_output_is_a_clear_error() -> None:
     vol[0, 0, 0] = np.nan
     with pytest.raises(ProcessingError, match="non-finite"):
         predict_maps(ProbeModel(), vol, 0.0, _settings("full"))
+
+
+def test_threads_auto_never_exceeds_the_cpus_this_process_may_use(monkeypatch) -> None:
+    from brainbag import inference
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+        monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: 1.5)
+        assert inference.available_cpus() == 2
+        monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: None)
+        assert inference.available_cpus() == 6
+        monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: 1.0)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert inference.resolve_threads(0) == 1 == torch.get_num_threads()
+        assert inference.resolve_threads(3) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UsageError, match="threads"):
+        InferenceSettings(threads=-1).validate()
