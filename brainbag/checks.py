@@ -26,6 +26,7 @@ from brainbag.io import (
     MAX_VOXELS,
     LoadedImage,
     axis_codes,
+    bounding_box,
     check_affine,
     check_data_size,
     declared_size,
@@ -333,10 +334,10 @@ def brain_extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float,
     ornt = nib.orientations.io_orientation(affine)
     zooms = voxel_sizes(affine)
     extent = [0.0, 0.0, 0.0]
-    for axis in range(3):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size:
-            extent[int(ornt[axis, 0])] = float(hit[-1] - hit[0] + 1) * zooms[axis]
+    box = bounding_box(mask)
+    if box is not None:
+        for axis in range(3):
+            extent[int(ornt[axis, 0])] = float(box[1][axis] - box[0][axis]) * zooms[axis]
     return (extent[0], extent[1], extent[2])
 
 

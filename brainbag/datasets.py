@@ -31,12 +31,15 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from brainbag.errors import InputError, UsageError
-from brainbag.io import is_image_path
+from brainbag.io import bounding_box, is_image_path
+
+if TYPE_CHECKING:
+    from brainbag.preprocess import Conformed
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".tsv", ".csv")
@@ -491,24 +494,25 @@ class Volume:
         return int(self.data.numel() * self.data.element_size())
 
 
-def load_volume(record: ImageRecord, dtype: Any = None) -> Volume:
-    """Read, conform (the same code ``predict`` uses) and trim one image."""
-    import torch
-
+def conform_record(record: ImageRecord) -> Conformed:
+    """Read one image (and its mask) and conform it with the code ``predict`` uses."""
     from brainbag.io import load_image
     from brainbag.preprocess import conform, load_mask
 
     loaded = load_image(record.t1w)
     mask = load_mask(record.mask, loaded) if record.mask is not None else None
-    conformed = conform(loaded, mask)
+    return conform(loaded, mask)
+
+
+def load_volume(record: ImageRecord, dtype: Any = None) -> Volume:
+    """Read, conform (the same code ``predict`` uses) and trim one image."""
+    import torch
+
+    conformed = conform_record(record)
     data = conformed.image.data
     background = float(np.float32(conformed.background))
-    nonbg = np.argwhere(data != np.float32(background))
-    if nonbg.size:
-        lo = nonbg.min(axis=0)
-        hi = nonbg.max(axis=0) + 1
-    else:
-        lo, hi = np.zeros(3, int), np.ones(3, int)
+    bounds = bounding_box(data != np.float32(background))
+    lo, hi = bounds if bounds is not None else (np.zeros(3, int), np.ones(3, int))
     box = data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     tensor = torch.from_numpy(np.ascontiguousarray(box))
     if dtype is not None:

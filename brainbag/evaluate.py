@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from brainbag.datasets import DataSource, ImageRecord, apply_split, discover
+from brainbag.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
 from brainbag.errors import InputError, UsageError
 from brainbag.inference import InferenceSettings
 from brainbag.outputs import write_json_atomic, write_text_atomic
@@ -174,9 +174,7 @@ def run_evaluate(
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
     from brainbag.inference import predict_maps
-    from brainbag.io import load_image
     from brainbag.predict import interpret
-    from brainbag.preprocess import conform, load_mask
     from brainbag.weights import load_weights
 
     settings.validate()
@@ -188,9 +186,7 @@ def run_evaluate(
     for k, record in enumerate(records):
         if on_image is not None:
             on_image(k, len(records), record)
-        image = load_image(record.t1w)
-        mask = load_mask(record.mask, image) if record.mask is not None else None
-        conformed = conform(image, mask)
+        conformed = conform_record(record)
         for weights, result in zip(loaded, results, strict=True):
             maps = predict_maps(weights.model, conformed.image.data, conformed.background,
                                 settings.inference)

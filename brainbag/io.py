@@ -99,6 +99,19 @@ class LoadedImage:
         return self.image.zooms
 
 
+def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index bounds ``(lo, hi)`` of the True voxels of a 3D mask (``hi`` exclusive), or None when
+    the mask is empty. Works on the mask's projections: no index list of its voxels is built."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
+    return np.array(lo), np.array(hi)
+
+
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel edge lengths in mm: the norms of the affine's first three columns."""
     norms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from brainbag.discover import OutputLocation
-from brainbag.io import LoadedImage, ras_transform, reorient, resample_masked, voxel_sizes
+from brainbag.io import (
+    LoadedImage,
+    bounding_box,
+    ras_transform,
+    reorient,
+    resample_masked,
+    voxel_sizes,
+)
 from brainbag.outputs import write_text_atomic
 
 FIGSIZE_IN = (12.0, 4.6)
@@ -72,11 +79,11 @@ def overlay_views(
     zooms = voxel_sizes(loaded.image.affine @ ras_to_input)
     centre = slice_indices(mask, zooms)
     # every panel shows the brain's bounding box plus a margin, not the whole field of view
-    if mask.any():
-        found = np.argwhere(mask)
+    box = bounding_box(mask)
+    if box is not None:
         margin = np.ceil(6.0 / np.array(zooms)).astype(int)
-        lo = np.maximum(found.min(axis=0) - margin, 0)
-        hi = np.minimum(found.max(axis=0) + margin + 1, data.shape)
+        lo = np.maximum(box[0] - margin, 0)
+        hi = np.minimum(box[1] + margin, data.shape)
     else:
         lo, hi = np.zeros(3, int), np.array(data.shape)
     input_to_map = np.linalg.inv(map_to_input)

@@ -11,6 +11,7 @@ from conftest import make_affine, rotation, sample, save, world_coords
 from brainbag.errors import InputError
 from brainbag.io import (
     Image,
+    bounding_box,
     isotropic_grid,
     load_image,
     make_nifti,
@@ -201,3 +202,18 @@ def test_size_guard_refuses_more_data_than_the_file_can_hold(tmp_path: Path) -> 
     # the same shape with its data present loads
     ok = save(np.ones((100, 100, 100), np.float32), make_affine(), tmp_path / "ok.nii")
     assert load_image(ok).shape == (100, 100, 100)
+
+
+def test_bounding_box_matches_the_voxels_it_bounds() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        mask = rng.random((9, 11, 7)) > 0.97
+        box = bounding_box(mask)
+        if not mask.any():
+            assert box is None
+            continue
+        found = np.argwhere(mask)
+        assert box is not None
+        np.testing.assert_array_equal(box[0], found.min(axis=0))
+        np.testing.assert_array_equal(box[1], found.max(axis=0) + 1)
+    assert bounding_box(np.zeros((4, 4, 4), bool)) is None
