@@ -25,7 +25,6 @@ Sex is ``"F"`` or ``"M"``; the network's sex head predicts P(female).
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
-from brainbag.io import bounding_box, is_image_path
+from brainbag.io import bounding_box
 
 if TYPE_CHECKING:
     from brainbag.preprocess import Conformed
@@ -225,26 +225,12 @@ def _bids_mask(t1w: Path) -> Path | None:
     return None
 
 
-def _bids_images(root: Path, participant: str) -> list[tuple[Path, str | None]]:
-    sub = f"sub-{bare_id(participant)}"
-    found = []
-    for anat in sorted([root / sub / "anat", *sorted((root / sub).glob("ses-*/anat"))]):
-        for path in sorted(anat.glob("*_T1w.nii*")):
-            if is_image_path(path):
-                ses = anat.parent.name if anat.parent.name.startswith("ses-") else None
-                found.append((path, ses))
+def _bids_images(root: Path) -> dict[str, list[tuple[Path, str | None]]]:
+    """``(T1w, session)`` per subject (bare id), found as ``brainbag predict`` finds them."""
+    found: dict[str, list[tuple[Path, str | None]]] = {}
+    for item in discover_bids(root).items:
+        found.setdefault(bare_id(item.subject), []).append((item.path, item.session))
     return found
-
-
-def _dataset_description(root: Path) -> tuple[str, str | None]:
-    path = root / "dataset_description.json"
-    if path.is_file():
-        try:
-            desc = json.loads(path.read_text(encoding="utf-8"))
-            return str(desc.get("Name") or root.name), desc.get("License")
-        except (OSError, ValueError):
-            pass
-    return root.name, None
 
 
 def read_bids(root: Path) -> DataSource:
@@ -255,9 +241,10 @@ def read_bids(root: Path) -> DataSource:
         raise InputError(f"{table} has no 'participant_id' column (BIDS requires one)")
     records = []
     without = []
+    found = _bids_images(root)
     for n, row in enumerate(rows, start=2):
         age, sex = _labels(row, header, f"{table}, row {n}")
-        images = _bids_images(root, row["participant_id"])
+        images = found.get(bare_id(row["participant_id"]), [])
         if not images:
             without.append(row["participant_id"])
         for path, ses in images:
@@ -268,19 +255,21 @@ def read_bids(root: Path) -> DataSource:
             f"{root}: participants.tsv lists {len(rows)} subjects but no "
             "sub-<id>/[ses-<id>/]anat/*_T1w.nii[.gz] image was found"
         )
-    name, licence = _dataset_description(root)
-    source = DataSource(records, "bids", root, name=name, licence=licence)
+    desc = read_description(root)
+    source = DataSource(records, "bids", root, name=str(desc.get("Name") or root.name),
+                        licence=desc.get("License"))
     if without:
         source.name += f" ({len(without)} listed subjects without a T1w image skipped)"
     return source
 
 
-def _camcan_image(root: Path, ccid: str) -> tuple[Path, Path | None] | None:
+def _camcan_image(root: Path, ccid: str, bids: dict[str, list[tuple[Path, str | None]]]
+                  ) -> tuple[Path, Path | None] | None:
     flat = root / f"sub-{ccid}_T1w_stripped.nii.gz"
     if flat.exists():
         mask = root / f"sub-{ccid}_T1w_brain_mask.nii.gz"
         return flat, mask if mask.exists() else None
-    images = _bids_images(root, ccid)
+    images = bids.get(ccid)
     if images:
         return images[0][0], _bids_mask(images[0][0])
     return None
@@ -291,6 +280,7 @@ def read_camcan(root: Path, split: Path) -> DataSource:
     tables = split_tables(split)
     records = []
     missing = []
+    bids = _bids_images(root)
     for name, table in tables.items():
         header, rows = read_table(table)
         id_col = _column(header, _ID_COLUMNS)
@@ -299,7 +289,7 @@ def read_camcan(root: Path, split: Path) -> DataSource:
         for n, row in enumerate(rows, start=2):
             ccid = bare_id(row[id_col])
             age, sex = _labels(row, header, f"{table}, row {n}")
-            found = _camcan_image(root, ccid)
+            found = _camcan_image(root, ccid, bids)
             if found is None:
                 missing.append(ccid)
                 continue

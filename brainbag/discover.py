@@ -27,7 +27,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from brainbag.errors import UsageError
 from brainbag.io import is_image_path, strip_image_suffix, subject_name
@@ -350,13 +350,18 @@ def discover(
     return Discovery("files", items)
 
 
+def read_description(root: Path) -> dict[str, Any]:
+    """A BIDS dataset's own ``dataset_description.json`` ({} when missing or unreadable)."""
+    try:
+        desc = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return desc if isinstance(desc, dict) else {}
+
+
 def dataset_description(source: Path, version: str) -> dict[str, object]:
     """``dataset_description.json`` of the derivatives brainbag writes for a BIDS dataset."""
-    name = None
-    try:
-        name = json.loads((source / "dataset_description.json").read_text()).get("Name")
-    except (OSError, ValueError, AttributeError):
-        pass
+    name = read_description(source).get("Name")
     return {
         "Name": f"brainbag predictions{' for ' + name if name else ''}",
         "BIDSVersion": "1.9.0",

@@ -118,6 +118,26 @@ def test_camcan_layout_with_the_shipped_paper_split(tmp_path: Path) -> None:
         discover(images, mini)
 
 
+def test_camcan_subjects_in_a_bids_tree(tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    _write(split / "train.csv", "Observations,age,gender_code\nCC110033,24,1\nCC110037,18,2\n")
+    _write(split / "val.csv", "Observations,age,gender_code\nCC110045,24,2\n")
+    images = tmp_path / "camcan"
+    for ccid in ("CC110033", "CC110037", "CC110045"):
+        anat = images / f"sub-{ccid}" / "anat"
+        _brain(anat / f"sub-{ccid}_T1w.nii.gz")
+        if ccid != "CC110037":
+            _brain(anat / f"sub-{ccid}_desc-brain_mask.nii.gz")
+    source = discover(images, split)
+    assert source.layout == "camcan" and source.counts() == {"train": 2, "val": 1, "test": 0}
+    by_id = {r.participant_id: r for r in source.records}
+    assert by_id["CC110037"].t1w == images / "sub-CC110037" / "anat" / "sub-CC110037_T1w.nii.gz"
+    assert by_id["CC110037"].mask is None
+    assert by_id["CC110045"].mask == (images / "sub-CC110045" / "anat"
+                                      / "sub-CC110045_desc-brain_mask.nii.gz")
+    assert by_id["CC110045"].sex == "F" and by_id["CC110033"].age == 24.0
+
+
 def test_a_subjects_images_stay_on_one_side(tmp_path: Path) -> None:
     records = [ImageRecord(f"s{i // 2}", Path(f"{i}.nii")) for i in range(40)]  # 2 per subject
     split = random_split(records, 0.2, 0.2, seed=3)
