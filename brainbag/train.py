@@ -391,13 +391,18 @@ class Trainer:
         self.dist, self.device = init_distributed(config.device)
         self.reporter: Reporter = reporter if (reporter is not None and self.dist.main) \
             else QuietReporter()
-        self.precision = self._precision()
-        self.channels_last = config.channels_last == "on" or (
-            config.channels_last == "auto" and self.device.type == "cuda")
+        self._resolve_speed_options()
         self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight)
         self.stop = StopFlag()
 
     # setup -----------------------------------------------------------------------------------
+    def _resolve_speed_options(self) -> None:
+        """Precision and memory format from the configuration (again after a resume merged the
+        run's own settings)."""
+        self.precision = self._precision()
+        self.channels_last = self.config.channels_last == "on" or (
+            self.config.channels_last == "auto" and self.device.type == "cuda")
+
     def _precision(self) -> str:
         p = self.config.precision
         if p == "auto":
@@ -657,8 +662,12 @@ class Trainer:
         self._save(state, best)
         write_metrics(self.out / "metrics.tsv", history)
         if best and meta is not None:
-            save_weights(self.out / "weights.safetensors", model, meta)
-            write_text_atomic(self.out / "MODEL_CARD.md", model_card(meta))
+            self._write_weights(model, meta)
+
+    def _write_weights(self, model: BagNet3D, meta: WeightsMeta) -> None:
+        """The predict-ready weights file and its model card."""
+        save_weights(self.out / "weights.safetensors", model, meta)
+        write_text_atomic(self.out / "MODEL_CARD.md", model_card(meta))
 
     # the loop --------------------------------------------------------------------------------
     def run(self, explicit: Iterable[str] = ()) -> TrainResult:
@@ -674,9 +683,7 @@ class Trainer:
         ckpt = self._read_checkpoint()
         if ckpt is not None:
             self._merge_resumed_config(ckpt)
-            self.precision = self._precision()
-            self.channels_last = c.channels_last == "on" or (
-                c.channels_last == "auto" and self.device.type == "cuda")
+            self._resolve_speed_options()
         source = self._data(ckpt)
         if ckpt is not None and ckpt.get("split_source"):
             source.split_source = str(ckpt["split_source"])
@@ -754,8 +761,7 @@ class Trainer:
         if self.dist.main and not (self.out / "weights.safetensors").exists():
             meta = self._meta(model, source, scaling, train, val, len(history),
                               best or (history[-1] if history else {}))
-            save_weights(self.out / "weights.safetensors", model, meta)
-            write_text_atomic(self.out / "MODEL_CARD.md", model_card(meta))
+            self._write_weights(model, meta)
         self.dist.barrier()
         return TrainResult(
             out=self.out, epochs=len(history), best_epoch=(best or {}).get("epoch"),
