@@ -57,8 +57,9 @@ class MapSpaceOpt(str, Enum):
 def _large_pages_for_torch() -> None:
     """Let torch's CPU allocator back large tensors with transparent huge pages.
 
-    Every full-resolution activation is ~0.5-1 GB; with 4 KiB pages, first touching one costs
-    ~0.2 s of page faults, with huge pages ~0.02 s (bench/README.md). torch reads the variable
+    Every full-resolution activation is ~0.5-1 GB; filling a fresh 0.9 GB tensor took 0.15 s with
+    4 KiB pages and 0.04 s with huge pages, after a first allocation of 0.3-0.9 s
+    (bench/thp_first_touch.py, bench/README.md). torch reads the variable
     once, when it is imported, so this must run before the first ``import torch``; an explicit
     ``THP_MEM_ALLOC_ENABLE=0`` in the environment wins.
     """
