@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -72,7 +74,7 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False)
 
 
-def fail(exc: BaseException, code: int = EXIT_FAILURE) -> None:
+def fail(exc: BaseException, code: int = EXIT_FAILURE) -> NoReturn:
     """Print one red line (or the traceback with --debug) and exit with ``code``."""
     if _state["debug"]:
         import traceback
@@ -82,6 +84,17 @@ def fail(exc: BaseException, code: int = EXIT_FAILURE) -> None:
 
     _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _exit_on_errors() -> Iterator[None]:
+    """A domain error exits with its own code, a file-system error with 1; one red line each."""
+    try:
+        yield
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+    except OSError as exc:
+        fail(BrainbagError(f"could not read or write a file: {exc}"))
 
 
 def _version(value: bool) -> None:
@@ -269,14 +282,8 @@ def predict(
     err = _console(stderr=True)
     t0 = time.perf_counter()
     try:
-        with ConsoleObserver(err, debug=_state["debug"]) as observer:
+        with _exit_on_errors(), ConsoleObserver(err, debug=_state["debug"]) as observer:
             records = run_predict(list(inputs), settings, observer)
-    except BrainbagError as exc:
-        fail(exc, exc.exit_code)
-        return
-    except OSError as exc:
-        fail(BrainbagError(f"could not read or write a file: {exc}"))
-        return
     except KeyboardInterrupt:
         from rich.markup import escape
 
@@ -330,7 +337,6 @@ def check(
         reports = check_inputs(list(inputs), options, on_report=show)
     except BrainbagError as exc:
         fail(exc, exc.exit_code)
-        return
     if json_out:
         import json
 
@@ -467,7 +473,6 @@ def weights_list(
         statuses = [entry_status(e, hub) for e in catalog.entries.values()]
     except (BrainbagError, OSError) as exc:
         fail(exc)
-        return
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
         return
@@ -547,7 +552,6 @@ def weights_verify(
             st = entry_status(entry, hub)
         except (BrainbagError, OSError) as exc:
             fail(exc)
-            return
         for problem in st.problems:
             bad += 1
             err.print(f"[bold red]bad:[/] {escape(problem)}; run `brainbag weights fetch "
@@ -579,7 +583,6 @@ def weights_info(
         st = entry_status(entry, _hub(cache_dir, offline=True))
     except (BrainbagError, OSError) as exc:
         fail(exc)
-        return
     card = {**entry.to_dict(), "manifest": str(entry.manifest),
             "local": {"status": st.status, "path": str(st.path) if st.path else None,
                       "source": st.source, "problems": list(st.problems)}}
@@ -647,7 +650,6 @@ def weights_publish(
             add_entry(write, result.entry)
     except (BrainbagError, OSError) as exc:
         fail(exc, getattr(exc, "exit_code", EXIT_FAILURE))
-        return
     if not result.entry.trained:
         err.print("[yellow]warning:[/] these weights are marked UNTRAINED", soft_wrap=True)
     err.print(f"published {result.commit_url}; verified download: {result.verified_path}",
@@ -769,29 +771,21 @@ def train(
         "test_fraction": test_fraction, "compile": compile_model, "workers": workers,
         "data_name": data_name, "data_licence": data_licence,
     }
-    try:
+    with _exit_on_errors():
         config, explicit = resolve(str(data), str(out), recipe, flags)
-    except BrainbagError as exc:
-        fail(exc, exc.exit_code)
-        return
     console = _console()
     from brainbag.train import ConsoleReporter, TrainingInterrupted, run_training
 
-    try:
-        result = run_training(config, ConsoleReporter(console), resume, explicit)
-    except TrainingInterrupted as exc:
-        _console(stderr=True).print(f"[yellow]stopped:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _console(stderr=True).print("[yellow]stopped:[/] interrupted before training started; "
-                                    "nothing was saved")
-        raise typer.Exit(130) from None
-    except BrainbagError as exc:
-        fail(exc, exc.exit_code)
-        return
-    except OSError as exc:
-        fail(BrainbagError(f"could not read or write a file: {exc}"))
-        return
+    with _exit_on_errors():
+        try:
+            result = run_training(config, ConsoleReporter(console), resume, explicit)
+        except TrainingInterrupted as exc:
+            _console(stderr=True).print(f"[yellow]stopped:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _console(stderr=True).print("[yellow]stopped:[/] interrupted before training "
+                                        "started; nothing was saved")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     if result.main:
         console.print(f"done: {result.epochs} epochs; best epoch {result.best_epoch}; "
                       f"weights in {result.weights}", soft_wrap=True)
@@ -834,18 +828,11 @@ def evaluate(
         plot=not no_plot,
     )
     console = _console()
-    try:
-        with console.status("evaluating...", spinner="dots") as status:
-            def progress(k: int, n: int, record: Any) -> None:
-                status.update(f"evaluating {k + 1}/{n}: {record.participant_id}")
+    with _exit_on_errors(), console.status("evaluating...", spinner="dots") as status:
+        def progress(k: int, n: int, record: Any) -> None:
+            status.update(f"evaluating {k + 1}/{n}: {record.participant_id}")
 
-            results = run_evaluate(settings, on_image=progress)
-    except BrainbagError as exc:
-        fail(exc, exc.exit_code)
-        return
-    except OSError as exc:
-        fail(BrainbagError(f"could not read or write a file: {exc}"))
-        return
+        results = run_evaluate(settings, on_image=progress)
     from rich.table import Table
 
     table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})")
