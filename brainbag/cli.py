@@ -36,6 +36,7 @@ MAX_TABLE_ROWS = 40  # larger runs print only the summary; the full table is pre
 
 
 class Mode(str, Enum):
+    auto = "auto"
     sliding = "sliding"
     full = "full"
 
@@ -162,9 +163,10 @@ def predict(
                      "outside it are set to background. Default: voxels > 0 of the image."),
     ] = None,
     mode: Annotated[
-        Mode, typer.Option("--mode", help="sliding: windows of the training crop size; full: the "
-                           "whole volume in one pass.")
-    ] = Mode.sliding,
+        Mode, typer.Option("--mode", help="auto: what the weights were trained on (full for "
+                           "whole-brain views, else sliding); sliding: windows of the training "
+                           "crop size; full: the whole volume (or brain view) in one pass.")
+    ] = Mode.auto,
     window: Annotated[
         tuple[int, int, int],
         typer.Option("--window", help="Sliding window size in voxels (x y z), multiples of 8."),
@@ -792,6 +794,75 @@ def train(
 
 
 @app.command()
+def crossval(
+    data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
+    folds: Annotated[
+        Path, typer.Option("--folds", help="Folds TSV (participant_id, fold); made (stratified "
+                           "by source and age, --seed) when it does not exist.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "runs/crossval"),
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="Training recipe (as for train).")] = None,
+    rf: Annotated[int | None, typer.Option("--rf", help="Receptive field (overrides the "
+                                           "recipe).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per fold (overrides "
+                                               "the recipe).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Network width (overrides the "
+                                              "recipe).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Number of folds when making the folds file.")
+                 ] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of a new folds file.")] = 0,
+    device: Annotated[Device | None, typer.Option("--device")] = None,
+) -> None:
+    """K-fold cross-validation grouped by subject: one model per fold, held-out predictions
+    pooled and compared with the predict-the-training-mean baseline (resumable)."""
+    from brainbag.config import resolve
+    from brainbag.crossval import crossval_rows, run_crossval
+    from brainbag.train import ConsoleReporter, run_training
+
+    flags = {"rf": rf, "epochs": epochs, "width": width,
+             "device": device.value if device else None}
+    with _exit_on_errors():
+        config, explicit = resolve(str(data), str(out), recipe, flags)
+    console = _console()
+
+    def train_fold(c: Any, resume: bool) -> Any:
+        return run_training(c, ConsoleReporter(console), resume, explicit)
+
+    def on_fold(n: int, total: int) -> None:
+        console.print(f"[bold]fold {n + 1}/{total}[/]")
+
+    with _exit_on_errors():
+        try:
+            result = run_crossval(data, folds, config, out, k=k, seed=seed, train=train_fold,
+                                  on_fold=on_fold)
+        except KeyboardInterrupt:
+            _console(stderr=True).print(
+                "[yellow]stopped:[/] interrupted; run the same command again to continue")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    from rich.table import Table
+
+    table = Table(title=f"brainbag crossval ({result.metrics['folds']} folds, "
+                        f"{result.metrics['subjects']} subjects, held-out predictions)")
+    for col in ("group", "n", "age MAE", "baseline MAE", "ratio", "r", "bias slope",
+                "sex acc.", "baseline acc.", "AUC"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in crossval_rows(result.metrics):
+        table.add_row(row["group"], str(row["n"]), f(row["age_mae"], ".2f"),
+                      f(row["baseline_mae"], ".2f"), f(row["mae_ratio"], ".2f"),
+                      f(row["age_r"], ".3f"), f(row["age_bias_slope"], ".3f"),
+                      f(row["sex_accuracy"], ".1%"), f(row["baseline_accuracy"], ".1%"),
+                      f(row["sex_auc"], ".3f"))
+    console.print(table)
+    console.print(f"results in {out}/ (predictions.tsv, metrics.json, table.tsv; "
+                  "fold-K/run: each fold's training run)", soft_wrap=True)
+
+
+@app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
     weights: Annotated[
@@ -806,7 +877,7 @@ def evaluate(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "brainbag-eval"),
-    mode: Annotated[Mode, typer.Option("--mode", help="As for predict.")] = Mode.sliding,
+    mode: Annotated[Mode, typer.Option("--mode", help="As for predict.")] = Mode.auto,
     window: Annotated[
         tuple[int, int, int], typer.Option("--window", help="Sliding window x y z.")
     ] = (160, 160, 128),

@@ -42,6 +42,8 @@ class TrainConfig:
     task: str = "both"
     width: int = 32
     padding: str = "same"
+    voxel_mm: float = 1.0  # isotropic voxel size the network runs at (inputs conformed to it)
+    pooling: str = "all"  # global = mean over "all" map voxels, or "brain" (masked pooling)
     # optimisation (Adam with coupled L2, step decay)
     epochs: int = 500
     batch_size: int = 16
@@ -49,14 +51,19 @@ class TrainConfig:
     lr: float = 1e-3
     adam_eps: float = 1e-5
     weight_decay: float = 1e-4
+    lr_schedule: str = "step"  # "step" (lr * gamma every lr_step_epochs) or "cosine"
     lr_step_epochs: int = 100
     lr_gamma: float = 0.1
+    warmup_epochs: int = 0  # cosine: linear warm-up from lr / warmup_epochs
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the published clipping never acted)
     age_loss_weight: float = 1.0
     sex_loss_weight: float = 1.0
     # augmentation and validation
     crop: list[int] = field(default_factory=lambda: [160, 160, 128])
+    view: str = "crop"  # "crop": random crops of `crop`; "brain": `crop` box centred on the brain
+    view_jitter: int = 0  # brain view: random shift of up to this many voxels per axis
     flip: bool = True
+    intensity_jitter: float = 0.0  # brain voxels scaled by a random factor in [1 - j, 1 + j]
     val_view: str = "centre"
     val_every: int = 1
     val_fraction: float = 0.1
@@ -80,6 +87,16 @@ class TrainConfig:
             (self.width >= 1, f"width must be >= 1, got {self.width}"),
             (self.padding in ("same", "valid"), f"padding must be same or valid, got "
                                                 f"{self.padding!r}"),
+            (0.25 <= self.voxel_mm <= 8 and math.isfinite(self.voxel_mm),
+             f"voxel_mm must be in [0.25, 8], got {self.voxel_mm}"),
+            (self.pooling in ("all", "brain"), f"pooling must be all or brain, got "
+                                               f"{self.pooling!r}"),
+            (self.lr_schedule in ("step", "cosine"), f"lr_schedule must be step or cosine, got "
+                                                     f"{self.lr_schedule!r}"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.view in ("crop", "brain"), f"view must be crop or brain, got {self.view!r}"),
+            (self.view_jitter >= 0, f"view_jitter must be >= 0, got {self.view_jitter}"),
+            (0 <= self.intensity_jitter < 1, "intensity_jitter must be in [0, 1)"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.micro_batch >= 0, f"micro batch must be >= 0, got {self.micro_batch}"),

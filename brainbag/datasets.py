@@ -460,6 +460,8 @@ class Volume:
     offset: tuple[int, int, int]
     shape: tuple[int, int, int]
     background: float
+    mask: Any = None  # torch.Tensor (X, Y, Z) bool, the brain mask on ``data``'s box
+    brain: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None  # mask bbox [lo, hi)
 
     def crop(self, start: Sequence[int], size: Sequence[int]) -> Any:
         """The ``size`` view of the full conformed array starting at ``start`` (may be negative
@@ -479,47 +481,80 @@ class Volume:
         out[tuple(dst)] = self.data[tuple(src)].to(torch.float32)
         return out
 
+    def crop_mask(self, start: Sequence[int], size: Sequence[int]) -> Any:
+        """The brain mask over the same view as :meth:`crop` (float32, 0 outside)."""
+        import torch
+
+        out = torch.zeros(tuple(size), dtype=torch.float32, device=self.data.device)
+        if self.mask is None:
+            raise ValueError("this volume was loaded without its mask")
+        src, dst = [], []
+        for a in range(3):
+            lo = max(start[a], self.offset[a])
+            hi = min(start[a] + size[a], self.offset[a] + self.mask.shape[a])
+            if hi <= lo:
+                return out
+            src.append(slice(lo - self.offset[a], hi - self.offset[a]))
+            dst.append(slice(lo - start[a], hi - start[a]))
+        out[tuple(dst)] = self.mask[tuple(src)].to(torch.float32)
+        return out
+
+    def brain_start(self, size: Sequence[int]) -> tuple[int, int, int]:
+        """Start of the ``size`` view centred on the brain's bounding box (as predict's
+        :func:`brainbag.inference.brain_view`, without growing: a larger brain is cut)."""
+        lo, hi = self.brain if self.brain is not None else (
+            self.offset, tuple(o + n for o, n in zip(self.offset, self.data.shape, strict=True)))
+        return (lo[0] - (size[0] - (hi[0] - lo[0])) // 2,
+                lo[1] - (size[1] - (hi[1] - lo[1])) // 2,
+                lo[2] - (size[2] - (hi[2] - lo[2])) // 2)
+
     @property
     def nbytes(self) -> int:
         return int(self.data.numel() * self.data.element_size())
 
 
-def conform_record(record: ImageRecord) -> Conformed:
+def conform_record(record: ImageRecord, spacing: float = 1.0) -> Conformed:
     """Read one image (and its mask) and conform it with the code ``predict`` uses."""
     from brainbag.io import load_image
     from brainbag.preprocess import conform, load_mask
 
     loaded = load_image(record.t1w)
     mask = load_mask(record.mask, loaded) if record.mask is not None else None
-    return conform(loaded, mask)
+    return conform(loaded, mask, spacing=spacing)
 
 
-def load_volume(record: ImageRecord, dtype: Any = None) -> Volume:
-    """Read, conform (the same code ``predict`` uses) and trim one image."""
+def load_volume(record: ImageRecord, dtype: Any = None, spacing: float = 1.0) -> Volume:
+    """Read, conform (the same code ``predict`` uses, at ``spacing`` mm) and trim one image."""
     import torch
 
-    conformed = conform_record(record)
+    conformed = conform_record(record, spacing)
     data = conformed.image.data
     background = float(np.float32(conformed.background))
-    bounds = bounding_box(data != np.float32(background))
+    bounds = bounding_box((data != np.float32(background)) | conformed.mask)
     lo, hi = bounds if bounds is not None else (np.zeros(3, int), np.ones(3, int))
     box = data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     tensor = torch.from_numpy(np.ascontiguousarray(box))
     if dtype is not None:
         tensor = tensor.to(dtype)
-    return Volume(tensor, (int(lo[0]), int(lo[1]), int(lo[2])), conformed.image.shape, background)
+    mask = torch.from_numpy(np.ascontiguousarray(conformed.mask[lo[0]:hi[0], lo[1]:hi[1],
+                                                                lo[2]:hi[2]]))
+    brain = bounding_box(conformed.mask)
+    brain_box = None if brain is None else (
+        tuple(int(v) for v in brain[0]), tuple(int(v) for v in brain[1]))
+    return Volume(tensor, (int(lo[0]), int(lo[1]), int(lo[2])), conformed.image.shape, background,
+                  mask, brain_box)  # type: ignore[arg-type]
 
 
 def load_volumes(
     records: Sequence[ImageRecord], workers: int = 4, dtype: Any = None,
-    on_loaded: Any = None,
+    on_loaded: Any = None, spacing: float = 1.0,
 ) -> list[Volume]:
     """Load and conform every record, ``workers`` at a time (decompression releases the GIL).
 
     ``on_loaded(i, record)`` is called after each volume, in completion order.
     """
     def one(i: int) -> Volume:
-        volume = load_volume(records[i], dtype)
+        volume = load_volume(records[i], dtype, spacing)
         if on_loaded is not None:
             on_loaded(i, records[i])
         return volume

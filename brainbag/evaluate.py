@@ -186,10 +186,15 @@ def run_evaluate(
     for k, record in enumerate(records):
         if on_image is not None:
             on_image(k, len(records), record)
-        conformed = conform_record(record)
+        by_spacing: dict[float, Any] = {}  # conform once per voxel size the weights need
         for weights, result in zip(loaded, results, strict=True):
+            spacing = weights.meta.voxel_mm
+            if spacing not in by_spacing:
+                by_spacing[spacing] = conform_record(record, spacing)
+            conformed = by_spacing[spacing]
             maps = predict_maps(weights.model, conformed.image.data, conformed.background,
-                                settings.inference)
+                                settings.inference, mask=conformed.mask,
+                                pooling=weights.meta.pooling, view=weights.meta.view)
             heads = interpret(maps, weights)
             result.rows.append(_row(record, heads.age_global, heads.p_female))
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -249,12 +254,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def predictions_tsv(rows: Sequence[dict[str, Any]]) -> str:
+def predictions_tsv(rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    columns = (*PREDICTION_COLUMNS, *extra)
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    writer.writerow(PREDICTION_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_fmt(row.get(c)) for c in PREDICTION_COLUMNS])
+        writer.writerow([_fmt(row.get(c)) for c in columns])
     return buf.getvalue()
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -31,7 +31,7 @@ import torch
 
 from brainbag.errors import ProcessingError, UsageError
 
-Mode = Literal["sliding", "full"]
+Mode = Literal["auto", "sliding", "full"]
 Precision = Literal["fp32", "bf16"]
 DEFAULT_WINDOW = (160, 160, 128)
 
@@ -54,7 +54,7 @@ class MapModel(Protocol):
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    mode: Mode = "sliding"
+    mode: Mode = "auto"
     window: tuple[int, int, int] = DEFAULT_WINDOW
     overlap: float = 0.25
     batch_size: int = 1
@@ -63,8 +63,8 @@ class InferenceSettings:
     threads: int = 0  # CPU threads; 0 = auto (see resolve_threads)
 
     def validate(self, stride: int = 8) -> None:
-        if self.mode not in ("sliding", "full"):
-            raise UsageError(f"--mode must be 'sliding' or 'full', got {self.mode!r}")
+        if self.mode not in ("auto", "sliding", "full"):
+            raise UsageError(f"--mode must be auto, sliding or full, got {self.mode!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise UsageError(f"--overlap must be in [0, 1), got {self.overlap}")
         if len(self.window) != 3 or any(w <= 0 or w % stride for w in self.window):
@@ -82,7 +82,14 @@ class InferenceSettings:
 
 @dataclass
 class MapResult:
-    """Raw head outputs on the map grid, plus how they were made."""
+    """Raw head outputs on the map grid, plus how they were made.
+
+    ``start`` is where the region the network saw begins, in voxels of the conformed volume
+    (negative or past the end where a brain view reaches outside it), so map voxel ``i`` is
+    centred on conformed voxel ``stride * i + start + offset``. ``brain`` is the fraction of
+    brain-mask voxels in each map voxel's cell (None without a mask); with ``pooling ==
+    "brain"`` the global outputs are the brain-weighted mean of the map (masked pooling).
+    """
 
     maps: np.ndarray  # (n_outputs, M0, M1, M2), float32 (float64 for a float64 model)
     stride: int
@@ -90,10 +97,62 @@ class MapResult:
     windows: list[tuple[int, int, int]]
     device: str
     precision: str
+    start: tuple[int, int, int] = (0, 0, 0)
+    brain: np.ndarray | None = None
+    pooling: str = "all"
+    mode: str = "full"
 
     def global_outputs(self) -> np.ndarray:
-        """Mean of each output over all map voxels (float64 accumulation)."""
-        return self.maps.reshape(self.maps.shape[0], -1).astype(np.float64).mean(axis=1)
+        """Mean of each output over the map (float64 accumulation): over all map voxels, or
+        weighted by each cell's brain fraction for masked pooling."""
+        flat = self.maps.reshape(self.maps.shape[0], -1).astype(np.float64)
+        if self.pooling == "brain" and self.brain is not None:
+            w = self.brain.reshape(-1).astype(np.float64)
+            return (flat * w).sum(axis=1) / w.sum()
+        return flat.mean(axis=1)
+
+
+POOLING = ("all", "brain")
+
+
+def brain_view(mask: np.ndarray, size: tuple[int, int, int] | list[int], multiple: int = 8
+               ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The box the network sees: ``size`` voxels centred on the brain mask's bounding box.
+
+    Returns ``(start, size)`` in voxels of ``mask``'s grid; ``start`` may be negative and the box
+    may run past the array (that part is background). An axis on which the brain is larger than
+    ``size`` gets the brain's extent rounded up to ``multiple``. The box depends only on the
+    brain, not on the field of view: padding or cropping the scan around the brain gives the
+    same view (training draws its views the same way, jittered).
+    """
+    from brainbag.io import bounding_box
+
+    bounds = bounding_box(np.asarray(mask, dtype=bool))
+    if bounds is None:
+        raise ProcessingError("the brain mask is empty: no brain to centre the view on")
+    lo, hi = bounds
+    start, out = [], []
+    for a in range(3):
+        extent = int(hi[a] - lo[a])
+        n = max(int(size[a]), -(-extent // multiple) * multiple)
+        start.append(int(lo[a]) - (n - extent) // 2)
+        out.append(n)
+    return (start[0], start[1], start[2]), (out[0], out[1], out[2])
+
+
+def cut_view(volume: np.ndarray, start: tuple[int, int, int], size: tuple[int, int, int],
+             fill: float) -> np.ndarray:
+    """``volume[start : start + size]`` with ``fill`` wherever the box leaves the array."""
+    out = np.full(size, fill, dtype=volume.dtype)
+    src, dst = [], []
+    for a in range(3):
+        lo, hi = max(start[a], 0), min(start[a] + size[a], volume.shape[a])
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start[a], hi - start[a]))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,10 +265,32 @@ def _forward(
 
 
 def predict_maps(
-    model: MapModel, volume: np.ndarray, background: float, settings: InferenceSettings
+    model: MapModel, volume: np.ndarray, background: float, settings: InferenceSettings,
+    mask: np.ndarray | None = None, pooling: str = "all",
+    view: tuple[int, int, int] | None = None,
 ) -> MapResult:
-    """Run ``model`` over ``volume`` (a conformed, whitened 3D array) and return the map."""
+    """Run ``model`` over ``volume`` (a conformed, whitened 3D array) and return the map.
+
+    ``mask`` (the brain on ``volume``'s grid) gives each map cell its brain fraction;
+    ``pooling="brain"`` makes the global outputs the brain-weighted mean (needs ``mask``).
+    ``view`` (a size in voxels) runs the network on the :func:`brain_view` box of that size
+    instead of the whole volume; the map then starts at the box's start.
+    """
     settings.validate(model.stride)
+    if pooling not in POOLING:
+        raise UsageError(f"pooling must be one of {POOLING}, got {pooling!r}")
+    if pooling == "brain" and mask is None:
+        raise ProcessingError("internal: masked pooling needs the brain mask")
+    mode = settings.mode
+    if mode == "auto":  # weights trained on whole-brain views see one; crop-trained ones slide
+        mode = "full" if view is not None else "sliding"
+    start = (0, 0, 0)
+    if view is not None:
+        if mask is None:
+            raise ProcessingError("internal: a brain view needs the brain mask")
+        start, size = brain_view(mask, view, model.stride)
+        volume = cut_view(np.asarray(volume, dtype=np.float32), start, size, background)
+        mask = cut_view(np.asarray(mask, dtype=bool), start, size, False)
     device = resolve_device(settings.device)
     precision, _ = resolve_precision(settings.precision, device)
     shape = tuple(int(n) for n in volume.shape)
@@ -220,12 +301,16 @@ def predict_maps(
         module.to(device).eval()
 
     with torch.inference_mode():
-        if settings.mode == "full":
+        if mode == "full":
             x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
             out = _forward(model, x.to(device), device, precision)[0]
             maps = out.cpu().numpy()
             windows = [(0, 0, 0)]
         else:
+            if view is not None:  # windows never larger than the view (no padding around it)
+                settings = replace(settings, window=tuple(  # type: ignore[arg-type]
+                    min(w, -(-n // model.stride) * model.stride)
+                    for w, n in zip(settings.window, volume.shape, strict=True)))
             maps, windows = _sliding(model, volume, background, settings, device, precision)
     if tuple(maps.shape[1:]) != target:
         raise ProcessingError(f"internal: map shape {maps.shape[1:]} differs from {target}")
@@ -234,6 +319,14 @@ def predict_maps(
             "the network produced non-finite values (NaN or Inf); the input may be extreme or "
             "the weights corrupt: check the scan with `brainbag check` and retry with fp32"
         )
+    brain = None
+    if mask is not None:
+        from brainbag.model import cell_weights
+
+        t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        brain = cell_weights(t, model.stride, model.map_offset, list(target))[0].numpy()
+        if pooling == "brain" and not brain.any():
+            raise ProcessingError("no map voxel covers the brain mask")
     return MapResult(
         maps=maps,
         stride=model.stride,
@@ -241,6 +334,10 @@ def predict_maps(
         windows=windows,
         device=str(device),
         precision=precision,
+        start=start,
+        brain=brain,
+        pooling=pooling,
+        mode=mode,
     )
 
 

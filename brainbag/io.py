@@ -309,6 +309,26 @@ def isotropic_grid(
     return (int(m[0]), int(m[1]), int(m[2])), transform
 
 
+def anchored_grid(
+    shape: tuple[int, int, int], affine: np.ndarray, spacing: float = 1.0
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Like :func:`isotropic_grid`, but with voxel centres on a lattice fixed in the world.
+
+    The new grid's centres are the points ``origin + spacing * k`` (integer ``k``, along the old
+    axes' directions), where ``origin`` is the world point (0, 0, 0): cropping or padding the
+    input (which moves its affine, not the anatomy) therefore gives the same samples of the
+    anatomy, and so the same prediction. The grid is within half a new voxel of the centred one
+    and has one more voxel per axis, so it still covers the whole field of view.
+    """
+    m, centred = isotropic_grid(shape, affine, spacing)
+    scale = np.diag(centred[:3, :3])
+    origin = np.linalg.solve(np.asarray(affine, dtype=np.float64), [0.0, 0.0, 0.0, 1.0])[:3]
+    first = centred[:3, 3]
+    transform = centred.copy()
+    transform[:3, 3] = origin + scale * np.floor((first - origin) / scale + 1e-6)
+    return (m[0] + 1, m[1] + 1, m[2] + 1), transform
+
+
 def map_transform(stride: int, start: tuple[int, int, int], offset: float) -> np.ndarray:
     """Index transform from a prediction map to the array the network saw.
 

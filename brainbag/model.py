@@ -268,9 +268,42 @@ class BagNet3D(nn.Module):
     def _stem_fast(self, x: torch.Tensor) -> torch.Tensor:
         return conv3d_fast(x, folded_stem_weight(self), 1, self.stem2.padding)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Global prediction the way the network is trained: average, then linear."""
-        return self.head(self.features(x).mean(dim=(2, 3, 4)))
+    def pooled(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Global prediction the way the network is trained: average, then linear.
+
+        ``cells`` (``(B, D, H, W)`` on the map grid, e.g. :func:`cell_weights` of the brain mask)
+        makes the average a weighted one: with brain fractions it is the mean over the brain
+        (masked pooling), equal to the weighted mean of the local map because the head is linear.
+        """
+        f = self.features(x)
+        if cells is None:
+            return self.head(f.mean(dim=(2, 3, 4)))
+        w = cells.to(f.dtype)[:, None]
+        pooled = (f * w).sum(dim=(2, 3, 4)) / w.sum(dim=(2, 3, 4)).clamp_min(1e-6)
+        return self.head(pooled.to(self.head.weight.dtype))
+
+
+def cell_weights(
+    mask: torch.Tensor, stride: int, offset: float, map_shape: tuple[int, ...] | list[int]
+) -> torch.Tensor:
+    """Fraction of brain-mask voxels in each map voxel's cell, ``(B, *map_shape)`` float32.
+
+    ``mask`` is ``(B, X, Y, Z)`` on the grid the network saw. The cell of map voxel ``i`` spans
+    voxels ``[stride*i + offset - stride/2, stride*i + offset + stride/2)`` along each axis
+    (voxels outside the array count as not brain). These are the weights of masked pooling: the
+    global prediction is the brain-fraction-weighted mean of the local map, so cells of
+    background (which differ with the field of view) do not count.
+    """
+    lo = int(math.floor(offset - stride / 2))
+    t = mask.to(torch.float32)[:, None]
+    pad_before = max(0, -lo)
+    t = t[..., max(0, lo):, max(0, lo):, max(0, lo):]
+    pads: list[int] = []
+    for m, have in zip(reversed(list(map_shape)), reversed(t.shape[2:]), strict=True):
+        pads += [pad_before, max(0, stride * m - have - pad_before)]
+    t = F.pad(t, pads)
+    pooled = F.avg_pool3d(t, stride, stride)[:, 0]
+    return pooled[:, : map_shape[0], : map_shape[1], : map_shape[2]]
 
 
 def folded_stem_weight(model: BagNet3D) -> torch.Tensor:

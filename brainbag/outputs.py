@@ -95,19 +95,10 @@ def brain_cells(
     The cell of map voxel ``i`` spans conformed voxels ``[stride*i + offset - stride/2,
     stride*i + offset + stride/2)`` along each axis.
     """
-    lo = int(np.floor(offset - stride / 2))
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    pad_before = max(0, -lo)
-    crop_before = max(0, lo)
-    t = t[..., crop_before:, crop_before:, crop_before:]
-    need = [stride * m for m in map_shape]
-    have = [s + pad_before for s in t.shape[2:]]
-    pads: list[int] = []
-    for n_need, n_have in zip(reversed(need), reversed(have), strict=True):
-        pads += [pad_before, max(0, n_need - n_have)]
-    t = torch.nn.functional.pad(t, pads)
-    pooled = torch.nn.functional.max_pool3d(t, stride, stride)[0, 0]
-    return pooled[: map_shape[0], : map_shape[1], : map_shape[2]].numpy() > 0
+    from brainbag.model import cell_weights
+
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+    return cell_weights(t, stride, offset, list(map_shape))[0].numpy() > 0
 
 
 def display_range(values: np.ndarray, kind: str) -> tuple[float, float]:

@@ -19,6 +19,7 @@ import datetime as _dt
 import os
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from collections import deque
@@ -125,8 +126,21 @@ class WeightsProvider:
         self.settings = settings
         self._loaded = loaded
         self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def voxel_mm(self) -> float:
+        """The voxel size inputs are conformed to: the weights' own (1 mm if they cannot be
+        loaded: the inference stage then reports why)."""
+        try:
+            return self.get().meta.voxel_mm
+        except BrainbagError:
+            return 1.0
 
     def get(self) -> LoadedWeights:
+        with self._lock:
+            return self._get()
+
+    def _get(self) -> LoadedWeights:
         if self._loaded is None:
             from brainbag.hub import HubSettings
 
@@ -252,7 +266,8 @@ class Predictor:
         fixed, checked = self._check_and_fix(loaded, mask, item.mask, warnings, timings)
 
         t0 = time.perf_counter()
-        conformed = conform(fixed, mask, allow_resample=self.settings.resample)
+        conformed = conform(fixed, mask, allow_resample=self.settings.resample,
+                            spacing=self.weights.voxel_mm())
         warnings += conformed.warnings
         if conformed.resampled:
             checked["fixes"].append(_resample_fix(fixed, conformed))
@@ -316,8 +331,21 @@ class Predictor:
         inference = InferenceSettings(**{**asdict(self.settings.inference),
                                          "precision": self.precision})
         conformed = prepared.conformed
-        result = predict_maps(weights.model, conformed.image.data, conformed.background, inference)
+        meta = weights.meta
+        if abs(conformed.image.zooms[0] - meta.voxel_mm) > 1e-3:
+            raise ProcessingError(
+                f"internal: the input was conformed to {conformed.image.zooms[0]:g} mm but "
+                f"weights {weights.id} expect {meta.voxel_mm:g} mm")
+        result = predict_maps(weights.model, conformed.image.data, conformed.background, inference,
+                              mask=conformed.mask, pooling=meta.pooling, view=meta.view)
         heads = interpret(result, weights)
+        age_range = meta.training.get("age_range")
+        if heads.age_global is not None and age_range:
+            lo, hi = float(age_range[0]), float(age_range[1])
+            if not lo <= heads.age_global <= hi:
+                warnings.append(
+                    f"predicted age {heads.age_global:.1f} y lies outside the training age range "
+                    f"{lo:g}-{hi:g} y of weights {weights.id}: an extrapolation, trust it less")
         return Inferred(result, heads, weights, warnings, time.perf_counter() - t0)
 
     def write(self, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
@@ -338,10 +366,11 @@ class Predictor:
         mask_path, input_mask = prepared.mask_path, prepared.mask
         location = item.location
         out_root = self.settings.out
-        map_to_conformed = map_transform(result.stride, (0, 0, 0), result.offset)
+        map_to_conformed = map_transform(result.stride, result.start, result.offset)
         map_to_input = conformed.to_input @ map_to_conformed
         map_affine = loaded.image.affine @ map_to_input
-        cells = brain_cells(conformed.mask, result.stride, result.offset, result.maps.shape[1:])
+        cells = (result.brain > 0) if result.brain is not None else brain_cells(
+            conformed.mask, result.stride, result.offset, result.maps.shape[1:])
         if not cells.any():
             raise ProcessingError(f"{loaded.path}: no map voxel covers the brain mask")
         brain_in_input = (loaded.image.data > 0) if input_mask is None else input_mask
@@ -359,7 +388,8 @@ class Predictor:
             "age": heads.age_global,
             "p_female": heads.p_female,
             "rf": weights.meta.rf,
-            "mode": self.settings.inference.mode,
+            "rf_mm": weights.meta.rf_mm,
+            "mode": result.mode,
             "device": result.device,
             "precision": result.precision,
             "threads": self.threads,
@@ -402,7 +432,11 @@ class Predictor:
                 "windows": len(result.windows),
                 "brain_cells": int(cells.sum()),
                 "outside_brain": "NaN",
-                "global_is_mean_over": "all map voxels (network output); see *_brain_cells",
+                "start_voxels": list(result.start),
+                "global_is_mean_over": (
+                    "map voxels weighted by the brain fraction of their cell (masked pooling)"
+                    if result.pooling == "brain"
+                    else "all map voxels (network output); see *_brain_cells"),
             },
             "outputs": {},
             **prepared.checked,

@@ -9,6 +9,7 @@ indistinguishable from more background.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from brainbag.errors import InputError
 from brainbag.io import (
     Image,
     LoadedImage,
+    anchored_grid,
     format_mm,
-    isotropic_grid,
     load_image,
     ras_transform,
     reorient,
@@ -95,16 +96,38 @@ def load_mask(path: Path, image: LoadedImage) -> np.ndarray:
     return mask.image.data > 0
 
 
-def needs_resampling(zooms: tuple[float, float, float]) -> bool:
-    return any(abs(z - TARGET_SPACING_MM) > SPACING_TOLERANCE_MM for z in zooms)
+def needs_resampling(zooms: tuple[float, float, float],
+                     spacing: float = TARGET_SPACING_MM) -> bool:
+    return any(abs(z - spacing) > SPACING_TOLERANCE_MM for z in zooms)
+
+
+def antialias_sigmas(zooms: tuple[float, float, float], spacing: float) -> list[float]:
+    """Gaussian sigma (in voxels of each axis) to apply before resampling to ``spacing`` mm.
+
+    An axis that gets coarser is smoothed so that its resolution (FWHM) becomes ``spacing``:
+    ``sigma_mm = sqrt(spacing^2 - zoom^2) / 2.3548``; axes that keep or refine their spacing are
+    not smoothed. Without it, linear interpolation to a coarser grid aliases fine detail.
+    """
+    return [math.sqrt(max(spacing**2 - z**2, 0.0)) / 2.3548 / z for z in zooms]
+
+
+def _smooth(data: np.ndarray, sigmas: list[float]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), np.float32))
+    out = sitk.SmoothingRecursiveGaussian(img, [max(s, 1e-6) for s in sigmas])
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
 
 
 def conform(
-    loaded: LoadedImage, mask: np.ndarray | None = None, allow_resample: bool = True
+    loaded: LoadedImage, mask: np.ndarray | None = None, allow_resample: bool = True,
+    spacing: float = TARGET_SPACING_MM,
 ) -> Conformed:
-    """Mask, reorient to RAS+, resample to 1 mm when needed, and whiten.
+    """Mask, reorient to RAS+, resample to ``spacing`` mm isotropic when needed, and whiten.
 
-    Without ``mask``, brain = voxels > 0 (the input is assumed skull-stripped).
+    Without ``mask``, brain = voxels > 0 (the input is assumed skull-stripped). ``spacing`` is the
+    voxel size the network was trained at (1 mm unless its weights say otherwise); an axis made
+    coarser is smoothed first (:func:`antialias_sigmas`).
     """
     warnings: list[str] = []
     data = loaded.image.data
@@ -121,13 +144,18 @@ def conform(
 
     resampled = False
     zooms = loaded.zooms
-    if needs_resampling(zooms):
+    if needs_resampling(zooms, spacing):
         if not allow_resample:
             raise InputError(
-                f"{loaded.path} has {format_mm(zooms)} voxels; the model expects 1 mm isotropic: "
-                "drop --no-resample to let brainbag resample it, or resample it yourself"
+                f"{loaded.path} has {format_mm(zooms)} voxels; the model expects "
+                f"{spacing:g} mm isotropic: drop --no-resample to let brainbag resample it, "
+                "or resample it yourself"
             )
-        shape, to_ras_grid = isotropic_grid(data.shape, affine, TARGET_SPACING_MM)
+        shape, to_ras_grid = anchored_grid(data.shape, affine, spacing)
+        ras_zooms = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        sigmas = antialias_sigmas(ras_zooms, spacing)  # type: ignore[arg-type]
+        if max(sigmas) > 0.05:
+            data = _smooth(data, sigmas)
         data = resample(data, to_ras_grid, shape, "linear", fill=0.0, extrapolate=True)
         brain = resample(brain.astype(np.uint8), to_ras_grid, shape, "nearest") > 0
         data = np.where(brain, data, np.float32(0.0)).astype(np.float32)
@@ -135,11 +163,12 @@ def conform(
         affine = loaded.image.affine @ to_input
         resampled = True
         warnings.append(
-            f"{loaded.path.name}: {format_mm(zooms)} voxels resampled to 1 mm isotropic "
+            f"{loaded.path.name}: {format_mm(zooms)} voxels resampled to {spacing:g} mm isotropic "
             f"({loaded.shape} -> {shape}, linear interpolation)"
         )
         if not brain.any():
-            raise InputError(f"{loaded.path}: the brain mask is empty after resampling to 1 mm")
+            raise InputError(
+                f"{loaded.path}: the brain mask is empty after resampling to {spacing:g} mm")
 
     whitened, stats = whiten(data, brain)
     background = float((0.0 - stats.mean) / stats.std)

@@ -54,7 +54,7 @@ from brainbag.datasets import (
 )
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.inference import bf16_supported, resolve_device
-from brainbag.model import BagNet3D, BagNetConfig
+from brainbag.model import BagNet3D, BagNetConfig, cell_weights
 from brainbag.outputs import atomic_path, write_text_atomic
 from brainbag.weights import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
@@ -106,8 +106,8 @@ class PooledNet(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.pooled(x)
+    def forward(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.pooled(x, cells)
 
 
 def accumulate_gradients(
@@ -120,13 +120,15 @@ def accumulate_gradients(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     weights: torch.Tensor | None = None,
+    cells: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add to ``.grad`` the gradient of ``sum(per-sample loss) / denominator`` over ``x``, in
     forward passes of ``micro_batch`` samples; return the (detached) sum of the losses.
 
     ``weights`` (per sample, default 1) lets a rank with nothing to contribute still run the
     collective backward with a zero-weight sample. ``no_sync`` (DDP) skips the gradient all-reduce
-    on every micro-batch but the last.
+    on every micro-batch but the last. ``cells`` (per sample, on the map grid) are the brain
+    fractions of masked pooling (see :meth:`BagNet3D.pooled`).
     """
     n = x.shape[0]
     micro = n if micro_batch <= 0 else micro_batch
@@ -137,7 +139,7 @@ def accumulate_gradients(
         sync = no_sync if (no_sync is not None and k < len(chunks) - 1) else None
         with sync() if sync is not None else contextlib.nullcontext():
             with autocast():
-                outputs = net(x[part])
+                outputs = net(x[part]) if cells is None else net(x[part], cells[part])
             losses = loss.per_sample(outputs, targets[part])
             if weights is not None:
                 losses = losses * weights[part]
@@ -341,6 +343,23 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainConfig) -> Any:
+    """Per-epoch learning-rate schedule: ``step`` (x gamma every lr_step_epochs) or ``cosine``
+    (linear warm-up over warmup_epochs, then half a cosine from lr to 0 at the last epoch)."""
+    if c.lr_schedule == "cosine":
+        warm, total = c.warmup_epochs, c.epochs
+
+        def factor(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / warm
+            span = max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch - warm, span) / span))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=c.lr_step_epochs or 10**9, gamma=c.lr_gamma)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -348,19 +367,40 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def draw_views(
     volumes: Sequence[Volume], indices: Sequence[int], crop: Sequence[int], flip: bool,
-    generator: torch.Generator,
+    generator: torch.Generator, view: str = "crop", jitter: int = 0,
 ) -> list[tuple[tuple[int, int, int], bool]]:
-    """Random crop start and flip for each index: uniform over every valid start."""
+    """Random crop start and flip for each index.
+
+    ``view="crop"``: uniform over every valid start of the conformed grid. ``view="brain"``: the
+    ``crop`` box centred on the brain's bounding box (as predict places it), shifted by a
+    uniform integer in ``[-jitter, jitter]`` voxels per axis.
+    """
     draws = torch.randint(0, 2**62, (len(indices), 4), generator=generator).tolist()
     views = []
     for i, row in zip(indices, draws, strict=True):
         shape = volumes[i].shape
         start = []
-        for a in range(3):
-            lo, hi = crop_range(shape[a], crop[a])
-            start.append(lo + row[a] % (hi - lo + 1))
+        if view == "brain":
+            centred = volumes[i].brain_start(crop)
+            start = [centred[a] + row[a] % (2 * jitter + 1) - jitter for a in range(3)]
+        else:
+            for a in range(3):
+                lo, hi = crop_range(shape[a], crop[a])
+                start.append(lo + row[a] % (hi - lo + 1))
         views.append(((start[0], start[1], start[2]), bool(flip and row[3] % 2)))
     return views
+
+
+def jitter_intensity(x: torch.Tensor, cells_mask: Sequence[torch.Tensor], amount: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Scale each sample's brain voxels by a random factor in ``[1 - amount, 1 + amount]``."""
+    if amount <= 0:
+        return x
+    factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
+    for k, m in enumerate(cells_mask):
+        brain = m.to(x.device) > 0
+        x[k, 0][brain] *= float(factors[k])
+    return x
 
 
 def make_batch(
@@ -471,7 +511,7 @@ class Trainer:
             if done[0] % 25 == 0 or done[0] == len(records):
                 self.reporter.message(f"loaded {done[0]}/{len(records)} volumes")
 
-        volumes = load_volumes(records, c.workers, dtype, progress)
+        volumes = load_volumes(records, c.workers, dtype, progress, spacing=c.voxel_mm)
         nbytes = sum(v.nbytes for v in volumes)
         place = torch.device("cpu")
         if self.device.type == "cuda" and c.cache_device in ("auto", "device"):
@@ -566,19 +606,31 @@ class Trainer:
         size = micro if self.config.val_view == "centre" else 1
         for b in range(0, len(mine), size):
             idx = mine[b:b + size]
-            parts = []
+            parts, masks = [], []
             for i in idx:
                 v = val.volumes[i]
-                if self.config.val_view == "centre":
-                    view = v.crop([centre_start(v.shape[a], crop[a]) for a in range(3)], crop)
+                start: Sequence[int]
+                shape: Sequence[int]
+                if self.config.view == "brain":
+                    start, shape = v.brain_start(crop), crop
+                elif self.config.val_view == "centre":
+                    start = [centre_start(v.shape[a], crop[a]) for a in range(3)]
+                    shape = crop
                 else:
-                    view = v.crop((0, 0, 0), v.shape)
-                parts.append(view.to(self.device))
+                    start, shape = (0, 0, 0), v.shape
+                parts.append(v.crop(start, shape).to(self.device))
+                if self.config.pooling == "brain":
+                    masks.append(v.crop_mask(start, shape))
             x = torch.stack(parts)[:, None]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
+            cells = None
+            if masks:
+                sizes = [model.map_size(int(n)) for n in x.shape[2:]]
+                cells = cell_weights(torch.stack(masks), model.stride, model.map_offset,
+                                     sizes).to(self.device)
             with self.autocast():
-                outputs[idx] = model.pooled(x).float()
+                outputs[idx] = model.pooled(x, cells).float()
         self.dist.all_sum(outputs)
         model.train()
         targets = val.targets.to(self.device)
@@ -620,6 +672,12 @@ class Trainer:
         c = self.config
         preprocessing = dict(DEFAULT_PREPROCESSING)
         preprocessing["window_xyz"] = list(c.crop)
+        preprocessing["voxel_mm"] = c.voxel_mm
+        if c.view == "brain":
+            preprocessing["view_xyz"] = list(c.crop)
+            preprocessing["view"] = ("a box of view_xyz voxels centred on the brain mask's "
+                                     "bounding box (grown to hold a larger brain)")
+        ages = [r.age for r in train.records if r.age is not None]
         return WeightsMeta(
             id=self.out.resolve().name,
             architecture="bagnet3d",
@@ -638,6 +696,8 @@ class Trainer:
                              "val": len({r.group for r in val.records})},
                 "recipe": c.recipe or "defaults (paper hyperparameters)",
                 "task": c.task,
+                "age_range": [min(ages), max(ages)] if ages else None,
+                "sexes": {s: sum(r.sex == s for r in train.records) for s in ("F", "M")},
                 "loss": f"{c.age_loss_weight} * MSE(standardised age) + "
                         f"{c.sex_loss_weight} * BCE(sex logit, female)",
                 "epochs": epochs_done,
@@ -652,6 +712,7 @@ class Trainer:
                 "config": c.to_dict(),
             },
             trained=True,
+            pooling=c.pooling,
             code_version=__version__,
         )
 
@@ -714,8 +775,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, eps=c.adam_eps,
                                      weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=c.lr_step_epochs or 10**9, gamma=c.lr_gamma)
+        scheduler = make_scheduler(optimizer, c)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         start_epoch, start_step = 0, 0
@@ -800,19 +860,29 @@ class Trainer:
             resumed_state = None
             for step in range(start_step, steps):
                 batch = perm[step * c.batch_size:(step + 1) * c.batch_size]
-                views = draw_views(volumes, batch, c.crop, c.flip, gen)
+                views = draw_views(volumes, batch, c.crop, c.flip, gen, c.view, c.view_jitter)
                 mine = list(range(self.dist.rank, len(batch), self.dist.world))
                 weights = None
                 if not mine:  # fewer samples than ranks in the last batch
                     mine, weights = [0], torch.zeros(1, device=self.device)
                 idx = [batch[k] for k in mine]
-                x = make_batch(volumes, idx, [views[k] for k in mine], c.crop, self.device,
-                               self.channels_last)
+                my_views = [views[k] for k in mine]
+                x = make_batch(volumes, idx, my_views, c.crop, self.device, self.channels_last)
+                cells = None
+                if c.pooling == "brain" or c.intensity_jitter > 0:
+                    masks = [torch.flip(volumes[i].crop_mask(v[0], c.crop), dims=(0,)) if v[1]
+                             else volumes[i].crop_mask(v[0], c.crop)
+                             for i, v in zip(idx, my_views, strict=True)]
+                    x = jitter_intensity(x, masks, c.intensity_jitter, gen)
+                    if c.pooling == "brain":
+                        sizes = [model.map_size(int(n)) for n in c.crop]
+                        cells = cell_weights(torch.stack(masks), model.stride, model.map_offset,
+                                             sizes).to(self.device)
                 targets = targets_all[idx]
                 loss_sum = accumulate_gradients(
                     net, x, targets, self.loss, c.micro_batch,
                     denominator=len(batch) / self.dist.world, autocast=self.autocast,
-                    no_sync=no_sync, weights=weights)
+                    no_sync=no_sync, weights=weights, cells=cells)
                 del x
                 stats = torch.stack([loss_sum.float(),
                                      torch.tensor(float(self.stop.set), device=self.device)])

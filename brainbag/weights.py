@@ -61,6 +61,9 @@ class WeightsMeta:
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
     training: dict[str, Any] = field(default_factory=dict)
     trained: bool = True
+    #: how the global prediction pools the local map: "all" map voxels (the network's plain
+    #: global average; older weights) or "brain" (brain-fraction-weighted mean, masked pooling)
+    pooling: str = "all"
     code_version: str = __version__
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -69,6 +72,22 @@ class WeightsMeta:
     @property
     def rf(self) -> int:
         return int(self.arch_kwargs["rf"])
+
+    @property
+    def voxel_mm(self) -> float:
+        """The isotropic voxel size the network was trained at (inputs are conformed to it)."""
+        return float(self.preprocessing.get("voxel_mm", 1.0))
+
+    @property
+    def rf_mm(self) -> float:
+        """The receptive field in millimetres: ``rf`` voxels of ``voxel_mm``."""
+        return self.rf * self.voxel_mm
+
+    @property
+    def view(self) -> tuple[int, int, int] | None:
+        """Size (voxels) of the brain-centred box the network sees, or None (whole volume)."""
+        v = self.preprocessing.get("view_xyz")
+        return (int(v[0]), int(v[1]), int(v[2])) if v else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -121,3 +121,41 @@ def test_prediction_json_records_geometry_and_provenance(tmp_path) -> None:
     np.testing.assert_allclose(np.array(saved["map"]["affine"]), img.affine, atol=1e-5)
     assert saved["map"]["offset_voxels"] == 4.0
     assert saved["input"]["voxel_mm"] == pytest.approx([1.25, 0.9, 1.1])
+
+
+def _probe_2mm_weights() -> LoadedWeights:
+    """Probe weights that run at 2 mm on a brain-centred view with masked pooling."""
+    meta = WeightsMeta(id="probe-2mm-view", architecture="probe", arch_kwargs={"rf": 9},
+                       heads=["age"], age_scaling={"mean": 0.0, "std": 1.0}, pooling="brain",
+                       preprocessing={"voxel_mm": 2.0, "view_xyz": [24, 24, 24]})
+    return LoadedWeights(model=ProbeModel("same", rf=9), meta=meta, path=Path("probe"),
+                         sha256="0" * 64)
+
+
+@pytest.mark.parametrize("mode", ["auto", "sliding"])
+@pytest.mark.parametrize("case", ["LAS-1mm", "PIR-permuted", "oblique-anisotropic"])
+def test_2mm_brain_view_maps_land_at_their_own_world_position(tmp_path, case, mode) -> None:
+    """Weights at 2 mm with a brain-centred view: map voxels 16 mm apart, starting where the view
+    starts (outside the conformed grid here), still hold the field at their own world point."""
+    path, centre = _scan(tmp_path, case)
+    settings = PredictSettings(
+        out=tmp_path / "out", force=True,
+        inference=InferenceSettings(mode=mode, window=(16, 16, 16), device="cpu"))  # type: ignore[arg-type]
+    record = Predictor(settings, weights=_probe_2mm_weights()).predict(path)
+    folder = tmp_path / "out" / record["subject"]
+    saved = json.loads((folder / "prediction.json").read_text())
+    img = nib.load(folder / "age_map.nii.gz")
+    assert saved["conformed"]["voxel_mm"] == pytest.approx([2.0, 2.0, 2.0])
+    np.testing.assert_allclose(np.linalg.norm(img.affine[:3, :3], axis=0), 16.0, atol=1e-5)
+    assert saved["mode"] == ("full" if mode == "auto" else "sliding")
+    stats = saved["whitening"]
+    values = np.asarray(img.dataobj, dtype=np.float64)
+    xyz = world_coords(values.shape, img.affine)
+    expected = (linear_field(xyz) - stats["mean"]) / stats["std"]
+    dist = np.linalg.norm(xyz - centre[:, None, None, None], axis=0)
+    deep = dist < RADIUS - 5
+    assert deep.sum() >= 5
+    np.testing.assert_allclose(values[deep], expected[deep], atol=3e-3)
+    assert np.isnan(values[dist > RADIUS + 16]).all()
+    # the global value is the brain-weighted mean of the map (masked pooling)
+    assert "masked pooling" in saved["map"]["global_is_mean_over"]

@@ -1,0 +1,246 @@
+"""K-fold cross-validation grouped by subject: train one model per fold, predict its held-out
+subjects with the predict pipeline's inference (``brainbag evaluate``), pool the held-out
+predictions and report them next to the predict-the-training-mean baseline on the same folds.
+
+The folds live in a TSV (``participant_id``, ``fold``) so that every figure is reproducible;
+:func:`make_folds` writes one (stratified by image source and age, seeded) when none exists.
+A subject's images always share a fold. Each fold's run is an ordinary ``brainbag train`` run in
+``OUT/fold-K`` (resumable: an interrupted cross-validation continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainbag.config import TrainConfig
+from brainbag.datasets import ImageRecord, discover, read_table
+from brainbag.errors import InputError, UsageError
+from brainbag.evaluate import (
+    EvaluateSettings,
+    age_metrics,
+    predictions_tsv,
+    run_evaluate,
+    sex_metrics,
+)
+from brainbag.inference import InferenceSettings
+from brainbag.outputs import write_json_atomic, write_text_atomic
+
+FOLDS_COLUMNS = ("participant_id", "fold", "source", "age")
+
+
+def image_source(record: ImageRecord, root: Path) -> str:
+    """The group an image is reported in: its folder relative to the data root (for the IXI
+    table, ``native`` or ``2mm``), or ``.`` for images directly in it."""
+    try:
+        rel = record.t1w.resolve().relative_to(root.resolve())
+    except ValueError:
+        return record.t1w.parent.name
+    parts = rel.parts[:-1]
+    return parts[0] if parts else "."
+
+
+def make_folds(records: Sequence[ImageRecord], root: Path, k: int, seed: int
+               ) -> list[dict[str, Any]]:
+    """Assign subjects to ``k`` folds, stratified by source and age.
+
+    Within each source (of a subject's first image), subjects are ordered by age and each run of
+    ``k`` consecutive subjects is dealt one per fold in a random order (``seed``); a shorter last
+    run goes to the folds that hold the fewest subjects so far. Every fold so spans the age range,
+    holds its share of each source, and the fold sizes differ by at most one.
+    """
+    subjects: dict[str, tuple[str, float]] = {}
+    names: dict[str, str] = {}
+    for r in records:
+        subjects.setdefault(r.group, (image_source(r, root), r.age if r.age is not None else -1))
+        names.setdefault(r.group, r.participant_id)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(k, dtype=int)
+    rows = []
+    for source in sorted({s for s, _ in subjects.values()}):
+        order = sorted((g for g in subjects if subjects[g][0] == source),
+                       key=lambda g: (subjects[g][1], g))
+        for start in range(0, len(order), k):
+            chunk = order[start:start + k]
+            # a full run of k gets every fold; a last, shorter run the emptiest folds
+            ties = rng.random(k)
+            emptiest = sorted(range(k), key=lambda f: (counts[f], ties[f]))[: len(chunk)]
+            folds = rng.permutation(emptiest)
+            for g, f in zip(chunk, folds, strict=True):
+                counts[f] += 1
+                rows.append({"participant_id": names[g], "fold": int(f), "source": source,
+                             "age": subjects[g][1]})
+    return sorted(rows, key=lambda r: (r["fold"], r["participant_id"]))
+
+
+def folds_tsv(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["\t".join(FOLDS_COLUMNS)]
+    for r in rows:
+        lines.append(f"{r['participant_id']}\t{r['fold']}\t{r['source']}\t{r['age']:g}")
+    return "\n".join(lines) + "\n"
+
+
+def read_folds(path: Path) -> dict[str, int]:
+    """``{bare participant id: fold}`` from a folds TSV."""
+    header, rows = read_table(path)
+    if "participant_id" not in header or "fold" not in header:
+        raise InputError(f"{path} needs 'participant_id' and 'fold' columns, has {header}")
+    out: dict[str, int] = {}
+    for n, row in enumerate(rows, start=2):
+        try:
+            fold = int(row["fold"])
+        except ValueError:
+            raise InputError(f"{path}, row {n}: fold {row['fold']!r} is not an integer") from None
+        pid = row["participant_id"].removeprefix("sub-")
+        if out.get(pid, fold) != fold:
+            raise InputError(f"{path}: subject {pid} is in two folds")
+        out[pid] = fold
+    return out
+
+
+@dataclasses.dataclass
+class CrossvalResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def _baseline_rows(rows: list[dict[str, Any]], train_age: float, train_female: float
+                   ) -> list[dict[str, Any]]:
+    return [{**r, "predicted_age": train_age, "p_female": train_female} for r in rows]
+
+
+def summarise(rows: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]]
+              ) -> dict[str, Any]:
+    """Age and sex figures of ``rows`` with those of the baseline predictions on the same rows."""
+
+    def figures(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        aged = [r for r in rs if r["age"] is not None and r["predicted_age"] is not None]
+        sexed = [r for r in rs if r["sex"] is not None and r["p_female"] is not None]
+        out: dict[str, Any] = {"n": len(rs)}
+        if aged:
+            out["age"] = age_metrics([r["age"] for r in aged], [r["predicted_age"] for r in aged])
+        if sexed:
+            out["sex"] = sex_metrics([r["sex"] == "F" for r in sexed],
+                                     [r["p_female"] for r in sexed])
+        return out
+
+    model, base = figures(rows), figures(baseline)
+    result = {"model": model, "baseline": base}
+    if model.get("age") and base.get("age") and base["age"].get("mae"):
+        result["mae_ratio"] = model["age"]["mae"] / base["age"]["mae"]
+    return result
+
+
+def run_crossval(
+    data: Path, folds_path: Path, config: TrainConfig, out: Path,
+    inference: InferenceSettings | None = None, k: int = 5, seed: int = 0,
+    train: Callable[[TrainConfig, bool], Any] | None = None,
+    on_fold: Callable[[int, int], None] | None = None,
+) -> CrossvalResult:
+    """Train and evaluate every fold; write ``OUT/predictions.tsv``, ``metrics.json``,
+    ``table.tsv``. ``train(config, resume)`` runs one fold's training (default:
+    :func:`brainbag.train.run_training`)."""
+    from brainbag.train import run_training
+
+    source = discover(data)
+    root = source.root if source.root.is_dir() else Path(data).parent
+    if not folds_path.exists():
+        write_text_atomic(folds_path, folds_tsv(make_folds(source.records, root, k, seed)))
+    folds = read_folds(folds_path)
+    missing = sorted({r.group for r in source.records} - set(folds))
+    if missing:
+        raise InputError(f"{folds_path} has no fold for {len(missing)} subject(s) of {data} "
+                         f"(first: {missing[0]}); delete it to make new folds")
+    fold_ids = sorted(set(folds.values()))
+    if len(fold_ids) < 2:
+        raise UsageError(f"{folds_path}: cross-validation needs at least 2 folds")
+    run_train = train or (lambda c, resume: run_training(c, None, resume))
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows: list[dict[str, Any]] = []
+    baseline: list[dict[str, Any]] = []
+    per_fold: list[dict[str, Any]] = []
+    for n, fold in enumerate(fold_ids):
+        if on_fold is not None:
+            on_fold(n, len(fold_ids))
+        folder = out / f"fold-{fold}"
+        split = folder / "split.tsv"
+        lines = ["participant_id\tsplit"] + [
+            f"{pid}\t{'test' if f == fold else 'train'}" for pid, f in sorted(folds.items())]
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(split, "\n".join(lines) + "\n")
+        fold_config = dataclasses.replace(config, data=str(data), out=str(folder / "run"),
+                                          split=str(split))
+        run_train(fold_config, (folder / "run" / "last.ckpt").exists())
+        weights = folder / "run" / "weights.safetensors"
+        results = run_evaluate(EvaluateSettings(
+            data=data, weights=(weights,), split="test", split_file=split,
+            out=folder / "eval", inference=inference or InferenceSettings(),
+            plot=False))
+        rows = [{**r, "fold": fold, "source": image_source(ImageRecord(
+            r["participant_id"], Path(r["t1w"])), root)} for r in results[0].rows]
+        train_records = [r for r in source.records if folds.get(r.group) != fold]
+        ages = [r.age for r in train_records if r.age is not None]
+        sexes = [r.sex == "F" for r in train_records if r.sex is not None]
+        mean_age = float(np.mean(ages)) if ages else math.nan
+        female = float(np.mean(sexes)) if sexes else 0.5
+        base = _baseline_rows(rows, mean_age, female)
+        per_fold.append({"fold": fold, **summarise(rows, base)})
+        all_rows += rows
+        baseline += base
+    sources = sorted({r["source"] for r in all_rows})
+    metrics: dict[str, Any] = {
+        "data": str(data),
+        "folds_file": str(folds_path),
+        "folds": len(fold_ids),
+        "images": len(all_rows),
+        "subjects": len({r["participant_id"] for r in all_rows}),
+        "baseline": "predict the training folds' mean age and female fraction (AUC 0.5)",
+        "config": config.to_dict(),
+        "overall": summarise(all_rows, baseline),
+        "by_source": {s: summarise([r for r in all_rows if r["source"] == s],
+                                   [r for r in baseline if r["source"] == s]) for s in sources},
+        "by_fold": per_fold,
+    }
+    write_text_atomic(out / "predictions.tsv", predictions_tsv(all_rows, ("fold", "source")))
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "table.tsv", crossval_table(metrics))
+    return CrossvalResult(out, all_rows, metrics)
+
+
+TABLE_COLUMNS = ("group", "n", "age_mae", "baseline_mae", "mae_ratio", "age_rmse",
+                 "baseline_rmse", "age_r", "age_bias_slope", "sex_accuracy",
+                 "baseline_accuracy", "sex_auc")
+
+
+def crossval_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [("all", metrics["overall"])] + list(metrics["by_source"].items())
+    out = []
+    for name, s in groups:
+        m, b = s["model"], s["baseline"]
+        out.append({
+            "group": name, "n": m["n"],
+            "age_mae": m.get("age", {}).get("mae"), "baseline_mae": b.get("age", {}).get("mae"),
+            "mae_ratio": s.get("mae_ratio"),
+            "age_rmse": m.get("age", {}).get("rmse"), "baseline_rmse": b.get("age", {}).get("rmse"),
+            "age_r": m.get("age", {}).get("r"),
+            "age_bias_slope": m.get("age", {}).get("bias_slope"),
+            "sex_accuracy": m.get("sex", {}).get("accuracy"),
+            "baseline_accuracy": b.get("sex", {}).get("accuracy"),
+            "sex_auc": m.get("sex", {}).get("auc"),
+        })
+    return out
+
+
+def crossval_table(metrics: dict[str, Any]) -> str:
+    lines = ["\t".join(TABLE_COLUMNS)]
+    for row in crossval_rows(metrics):
+        lines.append("\t".join("" if row[c] is None else
+                               (f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]))
+                               for c in TABLE_COLUMNS))
+    return "\n".join(lines) + "\n"
