@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
 
 REPO_TRAINING = Path(__file__).resolve().parents[1] / "training"
 TASKS = ("age", "sex", "both")
-BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy")
+BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy", "last")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainConfig:
     val_every: int = 1
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    best_metric: str = "auto"
+    best_metric: str = "auto"  # "last": keep the last epoch (validation is only recorded)
     # engine
     seed: int = 42
     device: str = "auto"

@@ -170,16 +170,18 @@ def run_crossval(
             on_fold(n, len(fold_ids))
         folder = out / f"fold-{fold}"
         split = folder / "split.tsv"
+        # the held-out fold is the run's validation set: its loss and MAE are recorded every
+        # epoch (the learning curve) but never used to choose weights (best_metric = "last")
         lines = ["participant_id\tsplit"] + [
-            f"{pid}\t{'test' if f == fold else 'train'}" for pid, f in sorted(folds.items())]
+            f"{pid}\t{'val' if f == fold else 'train'}" for pid, f in sorted(folds.items())]
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(split, "\n".join(lines) + "\n")
         fold_config = dataclasses.replace(config, data=str(data), out=str(folder / "run"),
-                                          split=str(split))
+                                          split=str(split), best_metric="last")
         run_train(fold_config, (folder / "run" / "last.ckpt").exists())
         weights = folder / "run" / "weights.safetensors"
         results = run_evaluate(EvaluateSettings(
-            data=data, weights=(weights,), split="test", split_file=split,
+            data=data, weights=(weights,), split="val", split_file=split,
             out=folder / "eval", inference=inference or InferenceSettings(),
             plot=False))
         rows = [{**r, "fold": fold, "source": image_source(ImageRecord(
@@ -190,7 +192,8 @@ def run_crossval(
         mean_age = float(np.mean(ages)) if ages else math.nan
         female = float(np.mean(sexes)) if sexes else 0.5
         base = _baseline_rows(rows, mean_age, female)
-        per_fold.append({"fold": fold, **summarise(rows, base)})
+        per_fold.append({"fold": fold, **summarise(rows, base),
+                         "history": read_history(folder / "run" / "metrics.tsv")})
         all_rows += rows
         baseline += base
     sources = sorted({r["source"] for r in all_rows})
@@ -210,7 +213,38 @@ def run_crossval(
     write_text_atomic(out / "predictions.tsv", predictions_tsv(all_rows, ("fold", "source")))
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "table.tsv", crossval_table(metrics))
+    write_text_atomic(out / "learning_curve.tsv", learning_curve_tsv(per_fold, metrics))
     return CrossvalResult(out, all_rows, metrics)
+
+
+def read_history(path: Path) -> list[dict[str, float | None]]:
+    """A run's metrics.tsv as rows of floats (None for empty cells)."""
+    if not path.is_file():
+        return []
+    header, rows = read_table(path)
+    return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in rows]
+
+
+def learning_curve_tsv(per_fold: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """Per epoch, the mean over folds of the training loss, the held-out loss and the held-out
+    age MAE (each fold's model on its own held-out subjects), next to the baseline MAE."""
+    histories = [f["history"] for f in per_fold if f.get("history")]
+    base = (metrics["overall"]["baseline"].get("age") or {}).get("mae")
+    cols = ("epoch", "train_loss", "heldout_loss", "heldout_age_mae", "baseline_age_mae",
+            "heldout_sex_accuracy", "folds")
+    lines = ["\t".join(cols)]
+    for e in range(max((len(h) for h in histories), default=0)):
+        rows = [h[e] for h in histories if len(h) > e]
+
+        def mean(key: str, rows: list[dict[str, float | None]] = rows) -> str:
+            vals = [float(v) for r in rows if (v := r.get(key)) is not None]
+            return f"{float(np.mean(vals)):.4f}" if vals else ""
+
+        lines.append("\t".join([str(e + 1), mean("train_loss"), mean("val_loss"),
+                                mean("val_mae"), "" if base is None else f"{base:.4f}",
+                                mean("val_accuracy"), str(len(rows))]))
+    return "\n".join(lines) + "\n"
 
 
 TABLE_COLUMNS = ("group", "n", "age_mae", "baseline_mae", "mae_ratio", "age_rmse",

@@ -656,6 +656,8 @@ class Trainer:
 
     def _is_better(self, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
         key, higher = self._best_key()
+        if key == "last":  # validation is recorded, never used to choose
+            return True
         value = row.get(key)
         if value is None:
             return row.get("val_loss") is None  # no validation set: keep the latest

@@ -86,10 +86,11 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_without_weights_it_says_none_are_installed(tmp_path: Path) -> None:
     img = _brain(tmp_path)
-    result = runner.invoke(app, ["predict", str(img), "--rf", "9", "--out", str(tmp_path / "o"),
+    # RF 9 has shipped default weights; RF 17 has none
+    result = runner.invoke(app, ["predict", str(img), "--rf", "17", "--out", str(tmp_path / "o"),
                                  FORCE])
     assert result.exit_code == 1
-    _one_line_error(result, "no trained weights are installed for RF 9", "--weights")
+    _one_line_error(result, "no trained weights are installed for RF 17", "--weights")
     assert not (tmp_path / "o" / "sub-01").exists()
 
 

@@ -17,6 +17,7 @@ from brainbag.crossval import make_folds, read_folds, run_crossval
 from brainbag.datasets import ImageRecord
 from brainbag.errors import InputError
 from brainbag.train import QuietReporter, run_training
+from brainbag.weights import load_weights
 
 runner = CliRunner()
 
@@ -75,7 +76,7 @@ def test_crossval_trains_each_fold_and_predicts_every_subject_once(tmp_path: Pat
         # each subject is predicted by the model of its own fold, which never trained on it
         split = (tmp_path / "cv" / f"fold-{r['fold']}" / "run" / "splits.tsv").read_text()
         line = next(x for x in split.splitlines() if x.startswith(r["participant_id"] + "\t"))
-        assert line.split("\t")[2] == "test"
+        assert line.split("\t")[2] == "val"  # recorded each epoch, never used to choose
         assert assignment[r["participant_id"].removeprefix("sub-")] == r["fold"]
     # baseline = the mean age of the other folds, on the same rows
     fold0 = [p for p, f in assignment.items() if f == 0]
@@ -85,6 +86,11 @@ def test_crossval_trains_each_fold_and_predicts_every_subject_once(tmp_path: Pat
     assert got == pytest.approx(expected, rel=1e-9)
     overall = result.metrics["overall"]
     assert overall["model"]["n"] == 9 and overall["mae_ratio"] > 0
+    curve = (tmp_path / "cv" / "learning_curve.tsv").read_text().splitlines()
+    assert curve[0].startswith("epoch\ttrain_loss\theldout_loss\theldout_age_mae")
+    assert len(curve) == 2 and curve[1].split("\t")[-1] == "3"  # 1 epoch, 3 folds
+    meta = load_weights(tmp_path / "cv" / "fold-0" / "run" / "weights.safetensors").meta
+    assert meta.training["selected_by"] == "last"
     for name in ("predictions.tsv", "metrics.json", "table.tsv"):
         assert (tmp_path / "cv" / name).is_file()
     header = (tmp_path / "cv" / "predictions.tsv").read_text().splitlines()[0].split("\t")

@@ -10,6 +10,7 @@ import pytest
 from manifests import entry_for, write_manifest
 
 from brainbag.errors import ManifestError
+from brainbag.io import sha256_file
 from brainbag.manifest import (
     FORMAT,
     KNOWN_HEADS,
@@ -25,11 +26,16 @@ from brainbag.model import HEAD_OUTPUTS, RF_KERNEL3
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_shipped_manifest_is_valid_and_lists_no_made_up_weights() -> None:
+def test_shipped_manifest_is_valid_and_lists_only_bundled_trained_weights() -> None:
     data = json.loads(SHIPPED_MANIFEST.read_text())
     assert data["format"] == FORMAT
-    # No trained weights exist yet: the shipped manifest must not pretend otherwise.
-    assert read_manifest(SHIPPED_MANIFEST) == []
+    entries = read_manifest(SHIPPED_MANIFEST)
+    assert entries, "the shipped manifest lists no weights"
+    for entry in entries:
+        # every shipped entry is backed by a real bundled file with its hash
+        assert entry.trained and entry.bundled_path is not None and entry.bundled_path.is_file()
+        assert entry.bundled_path.stat().st_size == entry.size
+        assert sha256_file(entry.bundled_path) == entry.sha256
     assert (SHIPPED_MANIFEST.parent / "README.md").exists()
 
 

@@ -66,12 +66,14 @@ def lab(fake_hub, tiny_weights, tmp_path):
     return {"manifest": manifest, "w9": w9, "w17": w17, "cache": tmp_path / "cache"}
 
 
-def test_list_with_only_the_shipped_manifest_says_there_are_none() -> None:
-    result = runner.invoke(app, ["weights", "list"])
-    assert result.exit_code == 0
-    assert "no weights are listed" in result.stderr and "--manifest" in result.stderr
+def test_list_with_only_the_shipped_manifest_shows_the_bundled_weights() -> None:
     result = runner.invoke(app, ["weights", "list", "--json"])
-    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    assert result.exit_code == 0
+    listed = json.loads(result.stdout)
+    assert listed and all(e["status"] == "ok" and e["source"] == "bundled" for e in listed)
+    assert any(e["rf"] == 9 and e["default"] for e in listed)
+    result = runner.invoke(app, ["weights", "list"])
+    assert result.exit_code == 0 and listed[0]["id"] in result.stdout
 
 
 def test_predict_passes_the_weights_options_through(tmp_path: Path, monkeypatch) -> None:
@@ -93,10 +95,10 @@ def test_predict_passes_the_weights_options_through(tmp_path: Path, monkeypatch)
 
 
 def test_predict_without_weights_says_so_and_how_to_supply_them(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["predict", str(_brain(tmp_path)), "--rf", "9",
+    result = runner.invoke(app, ["predict", str(_brain(tmp_path)), "--rf", "17",
                                  "--out", str(tmp_path / "o"), FORCE])
     assert result.exit_code == 1
-    _one_line_error(result, "no trained weights are installed for RF 9", "--weights",
+    _one_line_error(result, "no trained weights are installed for RF 17", "--weights",
                     "--manifest", "brainbag weights list")
 
 
