@@ -162,10 +162,15 @@ def conform(
         to_input = to_input @ to_ras_grid
         affine = loaded.image.affine @ to_input
         resampled = True
-        warnings.append(
-            f"{loaded.path.name}: {format_mm(zooms)} voxels resampled to {spacing:g} mm isotropic "
-            f"({loaded.shape} -> {shape}, linear interpolation)"
-        )
+        # Coarsening finer voxels to a coarser network grid is the expected path for such weights
+        # (recorded as a fix, not a warning); refining coarse voxels, or any change of voxel size
+        # for a 1 mm network, is worth a warning.
+        if spacing <= TARGET_SPACING_MM + SPACING_TOLERANCE_MM or any(
+                z > spacing + SPACING_TOLERANCE_MM for z in zooms):
+            warnings.append(
+                f"{loaded.path.name}: {format_mm(zooms)} voxels resampled to {spacing:g} mm "
+                f"isotropic ({loaded.shape} -> {shape}, linear interpolation)"
+            )
         if not brain.any():
             raise InputError(
                 f"{loaded.path}: the brain mask is empty after resampling to {spacing:g} mm")

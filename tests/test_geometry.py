@@ -127,7 +127,8 @@ def _probe_2mm_weights() -> LoadedWeights:
     """Probe weights that run at 2 mm on a brain-centred view with masked pooling."""
     meta = WeightsMeta(id="probe-2mm-view", architecture="probe", arch_kwargs={"rf": 9},
                        heads=["age"], age_scaling={"mean": 0.0, "std": 1.0}, pooling="brain",
-                       preprocessing={"voxel_mm": 2.0, "view_xyz": [24, 24, 24]})
+                       preprocessing={"voxel_mm": 2.0, "view_xyz": [24, 24, 24]},
+                       training={"age_range": [50.0, 60.0]})
     return LoadedWeights(model=ProbeModel("same", rf=9), meta=meta, path=Path("probe"),
                          sha256="0" * 64)
 
@@ -159,3 +160,6 @@ def test_2mm_brain_view_maps_land_at_their_own_world_position(tmp_path, case, mo
     assert np.isnan(values[dist > RADIUS + 16]).all()
     # the global value is the brain-weighted mean of the map (masked pooling)
     assert "masked pooling" in saved["map"]["global_is_mean_over"]
+    # the probe's "age" (a whitened intensity, about 0) lies outside the training range 50-60
+    assert abs(saved["age"]) < 5
+    assert any("outside the training age range 50-60 y" in w for w in saved["warnings"])

@@ -44,11 +44,12 @@ def test_whole_brain_views_with_masked_pooling_memorise_a_handful_of_real_subjec
     config = TrainConfig(
         data=str(data), out=str(tmp_path / "run"), rf=9, task="age", width=4, voxel_mm=2.0,
         pooling="brain", view="brain", crop=[80, 96, 80], view_jitter=0, flip=False,
-        batch_size=6, epochs=30, lr=3e-3, lr_step_epochs=0, weight_decay=0.0, val_fraction=0.0,
+        batch_size=6, epochs=30, lr=3e-3, lr_schedule="cosine", weight_decay=0.0, val_fraction=0.0,
         test_fraction=0.0, precision="bf16", device="cpu", workers=2, seed=0)
     result = run_training(config, QuietReporter())
     losses = [row["train_loss"] for row in result.history]
     print("training loss per step:", [round(v, 3) for v in losses])
     # the loss is the MSE of the standardised age: 1.0 = predicting the mean
     assert losses[0] > 0.8
-    assert min(losses[-6:]) < 0.25, losses
+    # memorised: the last steps (the cosine schedule has annealed) fit the ages closely
+    assert max(losses[-3:]) < 0.25, losses
