@@ -332,6 +332,13 @@ class Predictor:
                                          "precision": self.precision})
         conformed = prepared.conformed
         meta = weights.meta
+        if meta.view is not None and inference.mode == "sliding" and any(
+                w < v for w, v in zip(inference.window, meta.view, strict=True)):
+            warnings.append(
+                f"--mode sliding with windows {list(inference.window)} smaller than the "
+                f"whole-brain view {list(meta.view)} these weights were trained on: it sees less "
+                "than in training and the age can move by many years (up to 14.5 y measured, "
+                "bench/view_agreement.py); use --mode auto")
         if abs(conformed.image.zooms[0] - meta.voxel_mm) > 1e-3:
             raise ProcessingError(
                 f"internal: the input was conformed to {conformed.image.zooms[0]:g} mm but "

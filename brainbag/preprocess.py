@@ -154,10 +154,18 @@ def conform(
         shape, to_ras_grid = anchored_grid(data.shape, affine, spacing)
         ras_zooms = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
         sigmas = antialias_sigmas(ras_zooms, spacing)  # type: ignore[arg-type]
+        # Pad with background first, so that smoothing and interpolation near the array's border
+        # see the zeros that lie beyond it, as they would in a scan with a larger field of view:
+        # a scan cropped tightly around the brain then conforms like the uncropped one.
+        pad = int(math.ceil(4 * max(sigmas))) + 2
+        lift = np.eye(4)
+        lift[:3, 3] = pad
+        padded = np.pad(data, pad)
         if max(sigmas) > 0.05:
-            data = _smooth(data, sigmas)
-        data = resample(data, to_ras_grid, shape, "linear", fill=0.0, extrapolate=True)
-        brain = resample(brain.astype(np.uint8), to_ras_grid, shape, "nearest") > 0
+            padded = _smooth(padded, sigmas)
+        data = resample(padded, lift @ to_ras_grid, shape, "linear", fill=0.0, extrapolate=True)
+        brain = resample(np.pad(brain, pad).astype(np.uint8), lift @ to_ras_grid, shape,
+                         "nearest") > 0
         data = np.where(brain, data, np.float32(0.0)).astype(np.float32)
         to_input = to_input @ to_ras_grid
         affine = loaded.image.affine @ to_input

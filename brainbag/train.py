@@ -521,6 +521,8 @@ class Trainer:
         for v in volumes:
             if place.type == "cuda":
                 v.data = v.data.to(place)
+                if v.mask is not None:
+                    v.mask = v.mask.to(place)
             elif self.device.type == "cuda":
                 v.data = v.data.pin_memory()
         self.reporter.message(

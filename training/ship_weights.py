@@ -89,10 +89,11 @@ seed {t.get('seed')}, {t.get('precision')}, on a CPU).
 
 - {t.get('data')}; licence of the data: {t.get('licence')}.
 - {t.get('images', {}).get('train')} images of {t.get('subjects', {}).get('train')} subjects, ages
-  {f(lo, '.1f')}-{f(hi, '.1f')} years (mean {meta.age_scaling['mean']:.1f}), {t.get('sexes')}.
-- Two London hospitals: Hammersmith (HH, Philips 3T) and Guy's (Guys, Philips 1.5T). 48 of the
-  57 subjects are scans resampled to 2 mm with a brain mask (HH only), 9 are native ~1 mm
-  skull-stripped scans.
+  {f(lo, '.1f')}-{f(hi, '.1f')} years (mean {meta.age_scaling['mean']:.1f});
+  {(t.get('sexes') or {}).get('F')} female and {(t.get('sexes') or {}).get('M')} male images.
+- Two London hospitals: Hammersmith (HH) and Guy's (Guys). 50 images are scans resampled to 2 mm
+  with a brain mask (all HH); 9 are native ~1 mm skull-stripped scans (HH and Guys); 2 subjects
+  have both.
 - Preprocessing as `brainbag predict` does it: RAS+, skull-stripped (mask), resampled to
   {meta.voxel_mm:g} mm on a world-anchored grid (smoothed first when coarsened), whitened within
   the brain; the network sees an {'x'.join(str(v) for v in meta.view or [])}-voxel box centred on
@@ -111,6 +112,17 @@ baseline acc. | sex AUC |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+Read the native row with care: its 9 subjects are 8 women and 1 man, 7 of them aged 55-65. The
+fold models predicted 52-59 years for all nine (a 34-year-old got 57.6), so **on native ~1 mm
+scans these weights show no age signal** (r below 0); the sex column there is "everyone female"
+(the one man got P(female) 0.98, hence AUC 0). The two subjects scanned at both resolutions were
+predicted consistently across them (ages within 3.6 y, P(female) within 0.02). The overall
+figures come mostly from the 2 mm HH scans.
+
+The project's target for these weights was a cross-validated age MAE of at most 0.75x the
+baseline; they reach {f(o.get('mae_ratio'))}x: **not met**. They are shipped as the best weights
+measured so far, labelled as such.
+
 The shipped weights are trained on all {cv['subjects']} subjects with the same recipe; they were
 not evaluated on data they did not see beyond these cross-validation figures.
 
@@ -122,7 +134,11 @@ not evaluated on data they did not see beyond these cross-validation figures.
 - Like every brain-age model it regresses to the mean: young subjects are predicted older and
   old subjects younger (bias slope above). The gap between predicted and chronological age needs
   that correction before any interpretation.
-- Sex accuracy is modest (see the table); a P(female) near 0.5 means "undetermined".
+- Sex accuracy is modest (see the table) and fails on the native scans; a P(female) near 0.5
+  means "undetermined".
+- Local maps: the global values are means over the brain of local predictions that vary far more
+  than any age (single 16 mm cells range from a few years to over 300); cells at the brain's edge
+  are the most extreme. Read a map as where the evidence sits, not as local ages.
 - Research use only; not a medical device.
 
 ## Licence
