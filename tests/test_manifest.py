@@ -141,7 +141,11 @@ def test_precedence_cli_then_env_then_shipped(tmp_path: Path, tiny_weights) -> N
     assert catalog.default_for(33) is None
 
     assert load_catalog([], environ).default_for(9).id == "env-rf9-v1"
-    assert load_catalog([], {}).entries == {}
+    # with no user manifest, the shipped one: its bundled RF 9 default
+    shipped = load_catalog([], {})
+    assert list(shipped.entries) == ["bagnet3d-rf9-ixi-open-v1"]
+    assert shipped.default_for(9).id == "bagnet3d-rf9-ixi-open-v1"
+    assert shipped.default_for(17) is None
     with pytest.raises(ManifestError, match="unknown weights id 'nope-v1'"):
         catalog.get("nope-v1")
 
