@@ -466,37 +466,29 @@ class Volume:
     def crop(self, start: Sequence[int], size: Sequence[int]) -> Any:
         """The ``size`` view of the full conformed array starting at ``start`` (may be negative
         or run past the end: those voxels are background), as float32 on ``data``'s device."""
-        import torch
-
-        out = torch.full(tuple(size), self.background, dtype=torch.float32,
-                         device=self.data.device)
-        src, dst = [], []
-        for a in range(3):
-            lo = max(start[a], self.offset[a])
-            hi = min(start[a] + size[a], self.offset[a] + self.data.shape[a])
-            if hi <= lo:
-                return out
-            src.append(slice(lo - self.offset[a], hi - self.offset[a]))
-            dst.append(slice(lo - start[a], hi - start[a]))
-        out[tuple(dst)] = self.data[tuple(src)].to(torch.float32)
-        return out
+        return self._view(self.data, start, size, self.background)
 
     def crop_mask(self, start: Sequence[int], size: Sequence[int]) -> Any:
         """The brain mask over the same view as :meth:`crop` (float32, 0 outside)."""
-        import torch
-
-        out = torch.zeros(tuple(size), dtype=torch.float32, device=self.data.device)
         if self.mask is None:
             raise ValueError("this volume was loaded without its mask")
+        return self._view(self.mask, start, size, 0.0)
+
+    def _view(self, box: Any, start: Sequence[int], size: Sequence[int], fill: float) -> Any:
+        """``size`` voxels of the full grid from ``start``, cut from ``box`` (which holds the
+        voxels from ``offset`` on) and ``fill`` elsewhere, as float32 on ``data``'s device."""
+        import torch
+
+        out = torch.full(tuple(size), fill, dtype=torch.float32, device=self.data.device)
         src, dst = [], []
         for a in range(3):
             lo = max(start[a], self.offset[a])
-            hi = min(start[a] + size[a], self.offset[a] + self.mask.shape[a])
+            hi = min(start[a] + size[a], self.offset[a] + box.shape[a])
             if hi <= lo:
                 return out
             src.append(slice(lo - self.offset[a], hi - self.offset[a]))
             dst.append(slice(lo - start[a], hi - start[a]))
-        out[tuple(dst)] = self.mask[tuple(src)].to(torch.float32)
+        out[tuple(dst)] = box[tuple(src)].to(torch.float32)
         return out
 
     def brain_start(self, size: Sequence[int]) -> tuple[int, int, int]:

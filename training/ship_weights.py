@@ -116,7 +116,7 @@ Read the native row with care: its 9 subjects are 8 women and 1 man, 7 of them a
 fold models predicted 52-59 years for all nine (a 34-year-old got 57.6), so **on native ~1 mm
 scans these weights show no age signal** (r below 0); the sex column there is "everyone female"
 (the one man got P(female) 0.98, hence AUC 0). The two subjects scanned at both resolutions were
-predicted consistently across them (ages within 3.6 y, P(female) within 0.02). The overall
+predicted consistently across them (ages within 3.6 y, P(female) within 0.03). The overall
 figures come mostly from the 2 mm HH scans.
 
 The project's target for these weights was a cross-validated age MAE of at most 0.75x the
