@@ -19,9 +19,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainbag.inference import InferenceSettings, predict_maps
+from brainbag.inference import InferenceSettings
 from brainbag.io import load_image
-from brainbag.predict import interpret
+from brainbag.predict import interpret, run_weights
 from brainbag.preprocess import conform, load_mask
 from brainbag.weights import load_weights, open_weights
 
@@ -34,9 +34,7 @@ def predict(weights, path: Path, mask: Path | None, mode: str, window=(48, 48, 4
     loaded = load_image(path)
     m = load_mask(mask, loaded) if mask is not None else None
     c = conform(loaded, m, spacing=weights.meta.voxel_mm)
-    result = predict_maps(weights.model, c.image.data, c.background,
-                          InferenceSettings(mode=mode, window=window, device="cpu"),
-                          mask=c.mask, pooling=weights.meta.pooling, view=weights.meta.view)
+    result = run_weights(weights, c, InferenceSettings(mode=mode, window=window, device="cpu"))
     heads = interpret(result, weights)
     return float(heads.age_global), float(heads.p_female)
 

@@ -173,8 +173,7 @@ def run_evaluate(
     settings: EvaluateSettings, on_image: Callable[[int, int, ImageRecord], None] | None = None,
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
-    from brainbag.inference import predict_maps
-    from brainbag.predict import interpret
+    from brainbag.predict import interpret, run_weights
     from brainbag.weights import load_weights
 
     settings.validate()
@@ -192,10 +191,7 @@ def run_evaluate(
             if spacing not in by_spacing:
                 by_spacing[spacing] = conform_record(record, spacing)
             conformed = by_spacing[spacing]
-            maps = predict_maps(weights.model, conformed.image.data, conformed.background,
-                                settings.inference, mask=conformed.mask,
-                                pooling=weights.meta.pooling, view=weights.meta.view)
-            heads = interpret(maps, weights)
+            heads = interpret(run_weights(weights, conformed, settings.inference), weights)
             result.rows.append(_row(record, heads.age_global, heads.p_female))
     settings.out.mkdir(parents=True, exist_ok=True)
     for result in results:

@@ -71,7 +71,6 @@ from brainbag.io import (
     sha256_file,
 )
 from brainbag.outputs import (
-    brain_cells,
     default_mode,
     display_range,
     save_nifti_atomic,
@@ -181,6 +180,21 @@ def interpret(result: MapResult, weights: LoadedWeights) -> HeadMaps:
         sex = result.maps[index["sex"]]
         p_female = float(1.0 / (1.0 + np.exp(-means[index["sex"]])))
     return HeadMaps(age=age, sex_logit=sex, age_global=age_global, p_female=p_female)
+
+
+def run_weights(
+    weights: LoadedWeights, conformed: Conformed, settings: InferenceSettings
+) -> MapResult:
+    """The network of ``weights`` over an input conformed to their voxel size, run the way the
+    weights were trained: on their brain view (if any), pooled as they say, with the brain mask.
+    Every caller (predict, evaluate, crossval, benches) goes through here."""
+    meta = weights.meta
+    if abs(conformed.image.zooms[0] - meta.voxel_mm) > 1e-3:
+        raise ProcessingError(
+            f"internal: the input was conformed to {conformed.image.zooms[0]:g} mm but "
+            f"weights {weights.id} expect {meta.voxel_mm:g} mm")
+    return predict_maps(weights.model, conformed.image.data, conformed.background, settings,
+                        mask=conformed.mask, pooling=meta.pooling, view=meta.view)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -339,12 +353,7 @@ class Predictor:
                 f"whole-brain view {list(meta.view)} these weights were trained on: it sees less "
                 "than in training and the age can move by many years (up to 14.5 y measured, "
                 "bench/view_agreement.py); use --mode auto")
-        if abs(conformed.image.zooms[0] - meta.voxel_mm) > 1e-3:
-            raise ProcessingError(
-                f"internal: the input was conformed to {conformed.image.zooms[0]:g} mm but "
-                f"weights {weights.id} expect {meta.voxel_mm:g} mm")
-        result = predict_maps(weights.model, conformed.image.data, conformed.background, inference,
-                              mask=conformed.mask, pooling=meta.pooling, view=meta.view)
+        result = run_weights(weights, conformed, inference)
         heads = interpret(result, weights)
         age_range = meta.training.get("age_range")
         if heads.age_global is not None and age_range:
@@ -376,8 +385,8 @@ class Predictor:
         map_to_conformed = map_transform(result.stride, result.start, result.offset)
         map_to_input = conformed.to_input @ map_to_conformed
         map_affine = loaded.image.affine @ map_to_input
-        cells = (result.brain > 0) if result.brain is not None else brain_cells(
-            conformed.mask, result.stride, result.offset, result.maps.shape[1:])
+        assert result.brain is not None  # run_weights always passes the brain mask
+        cells = result.brain > 0
         if not cells.any():
             raise ProcessingError(f"{loaded.path}: no map voxel covers the brain mask")
         brain_in_input = (loaded.image.data > 0) if input_mask is None else input_mask
