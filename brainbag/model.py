@@ -268,6 +268,12 @@ class BagNet3D(nn.Module):
     def _stem_fast(self, x: torch.Tensor) -> torch.Tensor:
         return conv3d_fast(x, folded_stem_weight(self), 1, self.stem2.padding)
 
+    def brain_fractions(self, masks: torch.Tensor) -> torch.Tensor:
+        """:func:`cell_weights` of brain masks ``(B, X, Y, Z)`` on the grid of this network's
+        input: the ``cells`` of masked pooling, on this network's map grid."""
+        sizes = [self.map_size(int(n)) for n in masks.shape[1:]]
+        return cell_weights(masks, self.stride, self.map_offset, sizes)
+
     def pooled(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Global prediction the way the network is trained: average, then linear.
 

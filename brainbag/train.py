@@ -54,7 +54,7 @@ from brainbag.datasets import (
 )
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.inference import bf16_supported, resolve_device
-from brainbag.model import BagNet3D, BagNetConfig, cell_weights
+from brainbag.model import BagNet3D, BagNetConfig
 from brainbag.outputs import atomic_path, write_text_atomic
 from brainbag.weights import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
@@ -391,16 +391,15 @@ def draw_views(
     return views
 
 
-def jitter_intensity(x: torch.Tensor, cells_mask: Sequence[torch.Tensor], amount: float,
+def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
                      generator: torch.Generator) -> torch.Tensor:
-    """Scale each sample's brain voxels by a random factor in ``[1 - amount, 1 + amount]``."""
+    """In place: scale each sample's brain voxels (``masks`` > 0, ``(B, X, Y, Z)``) by a random
+    factor in ``[1 - amount, 1 + amount]``; other voxels are multiplied by exactly 1."""
     if amount <= 0:
         return x
     factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
-    for k, m in enumerate(cells_mask):
-        brain = m.to(x.device) > 0
-        x[k, 0][brain] *= float(factors[k])
-    return x
+    brain = masks.to(x.device)[:, None] > 0
+    return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
 
 
 def make_batch(
@@ -409,14 +408,28 @@ def make_batch(
     device: torch.device, channels_last: bool,
 ) -> torch.Tensor:
     """Cut the crops (on the cache's device), flip left-right (x, the first axis), stack."""
-    parts = []
-    for i, (start, flipped) in zip(indices, views, strict=True):
-        c = volumes[i].crop(start, crop).to(device, non_blocking=True)
-        parts.append(torch.flip(c, dims=(0,)) if flipped else c)
-    x = torch.stack(parts)[:, None]
+    x = _cut(volumes, indices, views, crop, masks=False).to(device, non_blocking=True)[:, None]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     return x
+
+
+def make_masks(
+    volumes: Sequence[Volume], indices: Sequence[int],
+    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
+) -> torch.Tensor:
+    """The brain masks of the same views as :func:`make_batch`, ``(B, X, Y, Z)`` float32."""
+    return _cut(volumes, indices, views, crop, masks=True)
+
+
+def _cut(volumes: Sequence[Volume], indices: Sequence[int],
+         views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int], masks: bool
+         ) -> torch.Tensor:
+    parts = []
+    for i, (start, flipped) in zip(indices, views, strict=True):
+        c = volumes[i].crop_mask(start, crop) if masks else volumes[i].crop(start, crop)
+        parts.append(torch.flip(c, dims=(0,)) if flipped else c)
+    return torch.stack(parts)
 
 
 class Trainer:
@@ -626,11 +639,7 @@ class Trainer:
             x = torch.stack(parts)[:, None]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            cells = None
-            if masks:
-                sizes = [model.map_size(int(n)) for n in x.shape[2:]]
-                cells = cell_weights(torch.stack(masks), model.stride, model.map_offset,
-                                     sizes).to(self.device)
+            cells = model.brain_fractions(torch.stack(masks)).to(self.device) if masks else None
             with self.autocast():
                 outputs[idx] = model.pooled(x, cells).float()
         self.dist.all_sum(outputs)
@@ -874,14 +883,10 @@ class Trainer:
                 x = make_batch(volumes, idx, my_views, c.crop, self.device, self.channels_last)
                 cells = None
                 if c.pooling == "brain" or c.intensity_jitter > 0:
-                    masks = [torch.flip(volumes[i].crop_mask(v[0], c.crop), dims=(0,)) if v[1]
-                             else volumes[i].crop_mask(v[0], c.crop)
-                             for i, v in zip(idx, my_views, strict=True)]
+                    masks = make_masks(volumes, idx, my_views, c.crop)
                     x = jitter_intensity(x, masks, c.intensity_jitter, gen)
                     if c.pooling == "brain":
-                        sizes = [model.map_size(int(n)) for n in c.crop]
-                        cells = cell_weights(torch.stack(masks), model.stride, model.map_offset,
-                                             sizes).to(self.device)
+                        cells = model.brain_fractions(masks).to(self.device)
                 targets = targets_all[idx]
                 loss_sum = accumulate_gradients(
                     net, x, targets, self.loss, c.micro_batch,
