@@ -36,7 +36,7 @@ import numpy as np
 
 from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
-from brainbag.io import bounding_box
+from brainbag.io import bounding_box, box_overlap
 
 if TYPE_CHECKING:
     from brainbag.preprocess import Conformed
@@ -480,15 +480,9 @@ class Volume:
         import torch
 
         out = torch.full(tuple(size), fill, dtype=torch.float32, device=self.data.device)
-        src, dst = [], []
-        for a in range(3):
-            lo = max(start[a], self.offset[a])
-            hi = min(start[a] + size[a], self.offset[a] + box.shape[a])
-            if hi <= lo:
-                return out
-            src.append(slice(lo - self.offset[a], hi - self.offset[a]))
-            dst.append(slice(lo - start[a], hi - start[a]))
-        out[tuple(dst)] = box[tuple(src)].to(torch.float32)
+        overlap = box_overlap(start, size, box.shape, self.offset)
+        if overlap is not None:
+            out[overlap[1]] = box[overlap[0]].to(torch.float32)
         return out
 
     def brain_start(self, size: Sequence[int]) -> tuple[int, int, int]:

@@ -143,15 +143,12 @@ def brain_view(mask: np.ndarray, size: tuple[int, int, int] | list[int], multipl
 def cut_view(volume: np.ndarray, start: tuple[int, int, int], size: tuple[int, int, int],
              fill: float) -> np.ndarray:
     """``volume[start : start + size]`` with ``fill`` wherever the box leaves the array."""
+    from brainbag.io import box_overlap
+
     out = np.full(size, fill, dtype=volume.dtype)
-    src, dst = [], []
-    for a in range(3):
-        lo, hi = max(start[a], 0), min(start[a] + size[a], volume.shape[a])
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start[a], hi - start[a]))
-    out[tuple(dst)] = volume[tuple(src)]
+    overlap = box_overlap(start, size, volume.shape)
+    if overlap is not None:
+        out[overlap[1]] = volume[overlap[0]]
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -307,6 +308,34 @@ def isotropic_grid(
     transform[:3, :3] = np.diag(scale)
     transform[:3, 3] = offset
     return (int(m[0]), int(m[1]), int(m[2])), transform
+
+
+def box_overlap(
+    start: Sequence[int], size: Sequence[int], shape: Sequence[int],
+    origin: Sequence[int] = (0, 0, 0),
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Where a box of ``size`` voxels starting at ``start`` overlaps an array of ``shape`` whose
+    first voxel sits at ``origin`` on the same grid: ``(slices into the array, slices into the
+    box)``, or None when they do not overlap. For cutting views that may leave the array."""
+    src, dst = [], []
+    for a in range(len(size)):
+        lo = max(start[a], origin[a])
+        hi = min(start[a] + size[a], origin[a] + shape[a])
+        if hi <= lo:
+            return None
+        src.append(slice(lo - origin[a], hi - origin[a]))
+        dst.append(slice(lo - start[a], hi - start[a]))
+    return tuple(src), tuple(dst)
+
+
+def smooth_gaussian(data: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+    """Gaussian smoothing with ``sigmas`` in voxels of each axis (SimpleITK's recursive Gaussian,
+    in index space, as :func:`resample`)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), np.float32))
+    out = sitk.SmoothingRecursiveGaussian(img, [max(float(s), 1e-6) for s in sigmas])
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
 
 
 def anchored_grid(

@@ -26,6 +26,8 @@ from brainbag.io import (
     reorient,
     resample,
     same_grid,
+    smooth_gaussian,
+    voxel_sizes,
 )
 
 TARGET_SPACING_MM = 1.0
@@ -111,14 +113,6 @@ def antialias_sigmas(zooms: tuple[float, float, float], spacing: float) -> list[
     return [math.sqrt(max(spacing**2 - z**2, 0.0)) / 2.3548 / z for z in zooms]
 
 
-def _smooth(data: np.ndarray, sigmas: list[float]) -> np.ndarray:
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), np.float32))
-    out = sitk.SmoothingRecursiveGaussian(img, [max(s, 1e-6) for s in sigmas])
-    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
-
-
 def conform(
     loaded: LoadedImage, mask: np.ndarray | None = None, allow_resample: bool = True,
     spacing: float = TARGET_SPACING_MM,
@@ -152,8 +146,7 @@ def conform(
                 "or resample it yourself"
             )
         shape, to_ras_grid = anchored_grid(data.shape, affine, spacing)
-        ras_zooms = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-        sigmas = antialias_sigmas(ras_zooms, spacing)  # type: ignore[arg-type]
+        sigmas = antialias_sigmas(voxel_sizes(affine), spacing)
         # Pad with background first, so that smoothing and interpolation near the array's border
         # see the zeros that lie beyond it, as they would in a scan with a larger field of view:
         # a scan cropped tightly around the brain then conforms like the uncropped one.
@@ -162,7 +155,7 @@ def conform(
         lift[:3, 3] = pad
         padded = np.pad(data, pad)
         if max(sigmas) > 0.05:
-            padded = _smooth(padded, sigmas)
+            padded = smooth_gaussian(padded, sigmas)
         data = resample(padded, lift @ to_ras_grid, shape, "linear", fill=0.0, extrapolate=True)
         brain = resample(np.pad(brain, pad).astype(np.uint8), lift @ to_ras_grid, shape,
                          "nearest") > 0
