@@ -34,13 +34,13 @@ from brainbag.outputs import write_json_atomic, write_text_atomic
 FOLDS_COLUMNS = ("participant_id", "fold", "source", "age")
 
 
-def image_source(record: ImageRecord, root: Path) -> str:
+def image_source(t1w: Path, root: Path) -> str:
     """The group an image is reported in: its folder relative to the data root (for the IXI
     table, ``native`` or ``2mm``), or ``.`` for images directly in it."""
     try:
-        rel = record.t1w.resolve().relative_to(root.resolve())
+        rel = t1w.resolve().relative_to(root.resolve())
     except ValueError:
-        return record.t1w.parent.name
+        return t1w.parent.name
     parts = rel.parts[:-1]
     return parts[0] if parts else "."
 
@@ -54,17 +54,16 @@ def make_folds(records: Sequence[ImageRecord], root: Path, k: int, seed: int
     run goes to the folds that hold the fewest subjects so far. Every fold so spans the age range,
     holds its share of each source, and the fold sizes differ by at most one.
     """
-    subjects: dict[str, tuple[str, float]] = {}
-    names: dict[str, str] = {}
+    first: dict[str, ImageRecord] = {}  # a subject's first image stands for it
     for r in records:
-        subjects.setdefault(r.group, (image_source(r, root), r.age if r.age is not None else -1))
-        names.setdefault(r.group, r.participant_id)
+        first.setdefault(r.group, r)
+    sources = {g: image_source(r.t1w, root) for g, r in first.items()}
+    ages = {g: r.age if r.age is not None else -1.0 for g, r in first.items()}
     rng = np.random.default_rng(seed)
     counts = np.zeros(k, dtype=int)
     rows = []
-    for source in sorted({s for s, _ in subjects.values()}):
-        order = sorted((g for g in subjects if subjects[g][0] == source),
-                       key=lambda g: (subjects[g][1], g))
+    for source in sorted(set(sources.values())):
+        order = sorted((g for g in first if sources[g] == source), key=lambda g: (ages[g], g))
         for start in range(0, len(order), k):
             chunk = order[start:start + k]
             # a full run of k gets every fold; a last, shorter run the emptiest folds
@@ -73,8 +72,8 @@ def make_folds(records: Sequence[ImageRecord], root: Path, k: int, seed: int
             folds = rng.permutation(emptiest)
             for g, f in zip(chunk, folds, strict=True):
                 counts[f] += 1
-                rows.append({"participant_id": names[g], "fold": int(f), "source": source,
-                             "age": subjects[g][1]})
+                rows.append({"participant_id": first[g].participant_id, "fold": int(f),
+                             "source": source, "age": ages[g]})
     return sorted(rows, key=lambda r: (r["fold"], r["participant_id"]))
 
 
@@ -149,7 +148,7 @@ def run_crossval(
     from brainbag.train import run_training
 
     source = discover(data)
-    root = source.root if source.root.is_dir() else Path(data).parent
+    root = source.root  # the folder of the table, the BIDS root or the Cam-CAN folder
     if not folds_path.exists():
         write_text_atomic(folds_path, folds_tsv(make_folds(source.records, root, k, seed)))
     folds = read_folds(folds_path)
@@ -184,8 +183,8 @@ def run_crossval(
             data=data, weights=(weights,), split="val", split_file=split,
             out=folder / "eval", inference=inference or InferenceSettings(),
             plot=False))
-        rows = [{**r, "fold": fold, "source": image_source(ImageRecord(
-            r["participant_id"], Path(r["t1w"])), root)} for r in results[0].rows]
+        rows = [{**r, "fold": fold, "source": image_source(Path(r["t1w"]), root)}
+                for r in results[0].rows]
         train_records = [r for r in source.records if folds.get(r.group) != fold]
         ages = [r.age for r in train_records if r.age is not None]
         sexes = [r.sex == "F" for r in train_records if r.sex is not None]
@@ -221,7 +220,7 @@ def read_history(path: Path) -> list[dict[str, float | None]]:
     """A run's metrics.tsv as rows of floats (None for empty cells)."""
     if not path.is_file():
         return []
-    header, rows = read_table(path)
+    _, rows = read_table(path)
     return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
             for row in rows]
 

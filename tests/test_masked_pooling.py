@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brainbag.inference import InferenceSettings, brain_view, cut_view, predict_maps
-from brainbag.io import LoadedImage, load_image
+from brainbag.io import load_image
 from brainbag.model import BagNet3D, BagNetConfig, cell_weights
 from brainbag.outputs import brain_cells
 from brainbag.preprocess import antialias_sigmas, conform
@@ -94,10 +94,6 @@ def test_predict_maps_with_a_view_equals_the_network_on_the_cut_view() -> None:
                            mask=mask, pooling="brain", view=(40, 48, 32))
     assert len(sliding.windows) == 1
     np.testing.assert_allclose(sliding.maps, result.maps, rtol=1e-5, atol=1e-5)
-
-
-def _loaded(path: Path) -> LoadedImage:
-    return load_image(path)
 
 
 def test_antialias_sigma_gives_the_target_resolution() -> None:

@@ -17,6 +17,7 @@ Nothing is trained or measured here: every number comes from the two folders.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def main() -> None:
     manifest = MANIFEST_DIR / "manifest.json"
     entries = [e for e in read_manifest(manifest) if e.id != args.id]
     if not args.no_default:
-        entries = [e if e.rf != meta.rf else WeightsEntry(**{**e.__dict__, "default": False})
+        entries = [e if e.rf != meta.rf else dataclasses.replace(e, default=False)
                    for e in entries]
     preprocessing = {k: meta.preprocessing[k] for k in ("voxel_mm", "view_xyz", "orientation",
                                                        "skull_stripped", "whitening")
