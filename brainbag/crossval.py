@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from brainbag.config import TrainConfig
+from brainbag.clinical import fit_calibration
 from brainbag.datasets import ImageRecord, discover, read_table
 from brainbag.errors import InputError, UsageError
 from brainbag.evaluate import (
@@ -209,6 +210,14 @@ def run_crossval(
                                    [r for r in baseline if r["source"] == s]) for s in sources},
         "by_fold": per_fold,
     }
+    try:
+        metrics["calibration"] = fit_calibration(all_rows, fitted_on=(
+            f"held-out predictions of {len(fold_ids)}-fold cross-validation "
+            f"({len(all_rows)} images of {metrics['subjects']} subjects, {data}, folds "
+            f"{folds_path})"))
+    except ValueError as exc:
+        metrics["calibration"] = None
+        metrics["calibration_note"] = str(exc)
     write_text_atomic(out / "predictions.tsv", predictions_tsv(all_rows, ("fold", "source")))
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "table.tsv", crossval_table(metrics))

@@ -24,8 +24,6 @@ Sex is ``"F"`` or ``"M"``; the network's sex head predicts P(female).
 
 from __future__ import annotations
 
-import csv
-import math
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,6 +35,7 @@ import numpy as np
 from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
 from brainbag.io import bounding_box, box_overlap
+from brainbag.tables import MISSING, parse_age, parse_sex, read_table
 
 if TYPE_CHECKING:
     from brainbag.preprocess import Conformed
@@ -45,9 +44,6 @@ SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".tsv", ".csv")
 _ID_COLUMNS = ("participant_id", "observations", "subject", "subject_id")
 _IMAGE_COLUMNS = ("t1w", "image", "path")
-_FEMALE = {"f", "female", "w", "woman"}
-_MALE = {"m", "male", "man"}
-_MISSING = {"", "n/a", "na", "nan", "none", "-"}
 
 
 @dataclass(frozen=True)
@@ -98,61 +94,6 @@ def bare_id(participant_id: str) -> str:
     return text[4:] if text.startswith("sub-") else text
 
 
-def parse_age(value: str | None, where: str) -> float | None:
-    """An age in years, or None for a missing value; anything else is an error."""
-    text = (value or "").strip()
-    if text.lower() in _MISSING:
-        return None
-    try:
-        age = float(text)
-    except ValueError:
-        raise InputError(f"{where}: age {text!r} is not a number (years)") from None
-    if not math.isfinite(age) or age < 0 or age > 150:
-        raise InputError(f"{where}: age {text!r} is not a plausible age in years")
-    return age
-
-
-def parse_sex(value: str | None, where: str, column: str = "sex") -> str | None:
-    """``"F"``/``"M"`` from the usual spellings; Cam-CAN ``gender_code`` 1 = male, 2 = female."""
-    text = (value or "").strip().lower()
-    if text in _MISSING or text in {"o", "other", "u", "unknown"}:
-        return None
-    if column == "gender_code":
-        codes = {"1": "M", "2": "F"}
-        if text in codes:
-            return codes[text]
-        raise InputError(f"{where}: gender_code {text!r} is not 1 (male) or 2 (female)")
-    if text in _FEMALE:
-        return "F"
-    if text in _MALE:
-        return "M"
-    raise InputError(f"{where}: sex {value!r} is not F/female or M/male (or n/a)")
-
-
-def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Rows of a .tsv or .csv file with lower-cased, stripped column names."""
-    if not path.is_file():
-        raise InputError(f"table not found: {path}")
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
-        try:
-            header = [c.strip().lower() for c in next(reader)]
-        except StopIteration:
-            raise InputError(f"{path} is empty; expected a header row") from None
-        rows = []
-        for line in reader:
-            if not any(cell.strip() for cell in line):
-                continue
-            if len(line) != len(header):
-                raise InputError(
-                    f"{path}, row {reader.line_num}: {len(line)} fields for {len(header)} "
-                    f"columns; is it {'comma' if delimiter == ',' else 'tab'}-separated?"
-                )
-            rows.append({k: v.strip() for k, v in zip(header, line, strict=True)})
-    return header, rows
-
-
 def _column(header: Sequence[str], names: Sequence[str]) -> str | None:
     return next((c for c in names if c in header), None)
 
@@ -167,7 +108,7 @@ def _labels(row: dict[str, str], header: Sequence[str], where: str) -> tuple[flo
 
 def _split_value(value: str | None, where: str) -> str | None:
     text = (value or "").strip().lower()
-    if text in _MISSING:
+    if text in MISSING:
         return None
     aliases = {"validation": "val", "valid": "val", "training": "train"}
     text = aliases.get(text, text)

@@ -32,7 +32,7 @@ from brainbag.inference import InferenceSettings
 from brainbag.outputs import write_json_atomic, write_text_atomic
 
 PREDICTION_COLUMNS = ("participant_id", "session", "split", "t1w", "age", "predicted_age",
-                      "age_error", "sex", "p_female", "predicted_sex")
+                      "age_error", "sex", "p_female", "predicted_sex", "map_spread")
 TABLE_COLUMNS = ("weights", "rf", "heads", "n", "age_mae", "age_rmse", "age_r", "age_bias_slope",
                  "sex_accuracy", "sex_auc")
 
@@ -173,6 +173,7 @@ def run_evaluate(
     settings: EvaluateSettings, on_image: Callable[[int, int, ImageRecord], None] | None = None,
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
+    from brainbag.clinical import map_spread
     from brainbag.predict import interpret, run_weights
     from brainbag.weights import load_weights
 
@@ -191,8 +192,10 @@ def run_evaluate(
             if spacing not in by_spacing:
                 by_spacing[spacing] = conform_record(record, spacing)
             conformed = by_spacing[spacing]
-            heads = interpret(run_weights(weights, conformed, settings.inference), weights)
-            result.rows.append(_row(record, heads.age_global, heads.p_female))
+            maps = run_weights(weights, conformed, settings.inference)
+            heads = interpret(maps, weights)
+            result.rows.append(_row(record, heads.age_global, heads.p_female,
+                                    map_spread(heads.age, maps.brain)))
     settings.out.mkdir(parents=True, exist_ok=True)
     for result in results:
         result.metrics = _metrics(result, settings)
@@ -206,7 +209,8 @@ def run_evaluate(
     return results
 
 
-def _row(record: ImageRecord, age: float | None, p_female: float | None) -> dict[str, Any]:
+def _row(record: ImageRecord, age: float | None, p_female: float | None,
+         spread: float | None = None) -> dict[str, Any]:
     return {
         "participant_id": record.participant_id,
         "session": record.session,
@@ -218,6 +222,7 @@ def _row(record: ImageRecord, age: float | None, p_female: float | None) -> dict
         "sex": record.sex,
         "p_female": p_female,
         "predicted_sex": None if p_female is None else ("F" if p_female > 0.5 else "M"),
+        "map_spread": spread,
     }
 
 

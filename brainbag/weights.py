@@ -64,6 +64,9 @@ class WeightsMeta:
     #: how the global prediction pools the local map: "all" map voxels (the network's plain
     #: global average; older weights) or "brain" (brain-fraction-weighted mean, masked pooling)
     pooling: str = "all"
+    #: how to read a prediction for a person (brainbag.clinical.fit_calibration): bias
+    #: correction, age interval, map-spread range, sex thresholds; {} for uncalibrated weights
+    calibration: dict[str, Any] = field(default_factory=dict)
     code_version: str = __version__
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -60,6 +60,45 @@ def metrics_list(cv: dict[str, Any], command: str) -> list[dict[str, Any]]:
     return out
 
 
+def calibration_text(cal: dict[str, Any]) -> str:
+    """The model card's bullet list of a calibration (brainbag.clinical.fit_calibration)."""
+    if not cal:
+        return "- nothing: these weights carry no calibration (raw gap only)."
+    lines = []
+    bias = cal.get("bias_correction")
+    if bias:
+        lines.append(
+            f"- **bias correction** (de Lange & Cole 2020): predicted = {bias['slope']:.3f} x age "
+            f"+ {bias['intercept']:.2f} on the held-out scans; corrected gap = (predicted - "
+            f"{bias['intercept']:.2f}) / {bias['slope']:.3f} - age. Because the slope is small, "
+            f"the correction multiplies every error by {1 / bias['slope']:.1f}: on the held-out "
+            f"scans the corrected gap has a standard deviation of {bias['corrected_gap_sd']:.1f} "
+            f"y (the raw gap {bias['raw_gap_sd']:.1f} y) among these healthy adults: a "
+            "corrected gap of that size is what healthy adults showed, not evidence of "
+            "anything.")
+    interval = cal.get("age_interval")
+    if interval:
+        lines.append(
+            f"- **{interval['level']:.0%} age interval**: predicted age +/- "
+            f"{interval['half_width_years']:.1f} y (split conformal on the held-out absolute "
+            "errors; holds on average over ages, not at every age).")
+    spread = cal.get("map_spread")
+    if spread:
+        lines.append(
+            f"- **map spread** (brain-weighted SD of the local age map): {spread['p5']:.1f}-"
+            f"{spread['p95']:.1f} y on the held-out scans (5th-95th percentile, median "
+            f"{spread['median']:.1f}); a scan below {spread['warn_below']:.1f} or above "
+            f"{spread['warn_above']:.1f} y is flagged.")
+    sex = cal.get("sex")
+    if sex:
+        lo, hi = sex["undetermined"]
+        lines.append(
+            f"- **sex call**: F above P(female) {hi:g}, M below {lo:g}, else undetermined; a "
+            f"recorded F with P < {sex['mismatch_recorded_female_below']:g} or M with P > "
+            f"{sex['mismatch_recorded_male_above']:g} is flagged as a possible mix-up.")
+    return "\n".join(lines)
+
+
 def model_card(entry: WeightsEntry, meta: Any, cv: dict[str, Any], command: str) -> str:
     t = meta.training
     o = cv["overall"]
@@ -77,6 +116,9 @@ def model_card(entry: WeightsEntry, meta: Any, cv: dict[str, Any], command: str)
                     f"{f(a.get('bias_slope'), '.3f')} | {f(x.get('accuracy'), '.1%')} | "
                     f"{f(bx.get('accuracy'), '.1%')} | {f(x.get('auc'), '.3f')} |")
     lo, hi = t.get("age_range") or (None, None)
+    cal = meta.calibration or {}
+    cal_n = cal.get("n", "-")
+    calibration = calibration_text(cal)
     return f"""# Model card: {entry.id}
 
 BagNet-3D, receptive field {meta.rf} voxels = **{meta.rf_mm:g} mm** at the network's
@@ -127,6 +169,13 @@ measured so far, labelled as such.
 The shipped weights are trained on all {cv['subjects']} subjects with the same recipe; they were
 not evaluated on data they did not see beyond these cross-validation figures.
 
+## Reading a prediction for a person
+
+Fitted on the {cal_n} held-out predictions above and stored in the weights (`calibration`), so
+`brainbag predict --age YEARS` reports:
+
+{calibration}
+
 ## Limits
 
 - **57 subjects from two London sites**, ages {f(lo, '.0f')}-{f(hi, '.0f')}: expect larger errors
@@ -167,6 +216,7 @@ def main() -> None:
     meta.training["crossval"] = {"overall": cv["overall"], "by_source": cv["by_source"],
                                  "folds": cv["folds"], "baseline": cv["baseline"],
                                  "command": args.command}
+    meta.calibration = cv.get("calibration") or {}
     target = MANIFEST_DIR / f"{args.id}.safetensors"
     sha = save_weights(target, loaded.model, meta)
     manifest = MANIFEST_DIR / "manifest.json"
