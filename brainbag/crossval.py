@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from brainbag.config import TrainConfig
 from brainbag.clinical import fit_calibration
+from brainbag.config import TrainConfig
 from brainbag.datasets import ImageRecord, discover, read_table
 from brainbag.errors import InputError, UsageError
 from brainbag.evaluate import (

@@ -57,7 +57,7 @@ def test_participants_table_paths_are_relative_to_the_table(tmp_path: Path) -> N
 
 def test_bad_labels_name_the_row(tmp_path: Path) -> None:
     table = _write(tmp_path / "p.tsv", "participant_id\tage\tsex\tt1w\nA\tforty\tF\ta.nii\n")
-    with pytest.raises(InputError, match=r"p.tsv, row 2, column 'age': age 'forty' is not a number"):
+    with pytest.raises(InputError, match=r"p.tsv, row 2, column 'age': age 'forty' is not"):
         discover(table)
     table = _write(tmp_path / "q.tsv", "participant_id\tage\tsex\tt1w\nA\t40\tX\ta.nii\n")
     with pytest.raises(InputError, match=r"row 2, column 'sex': sex 'X'"):
