@@ -27,7 +27,9 @@ from brainbag.outputs import TSV_COLUMNS, write_tsv_atomic
 TSV_NAME = "predictions.tsv"
 INDEX_NAME = "index.html"
 #: Columns a table written by an earlier brainbag must have for its rows to be kept.
-REQUIRED_COLUMNS = tuple(c for c in TSV_COLUMNS if c != "output")
+#: (brainbag 0.1 tables: the person's columns and ``output`` came later and may be missing)
+REQUIRED_COLUMNS = ("subject", "session", "path", "input_sha256", "status", "age", "p_female",
+                    "rf", "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds")
 #: Settings that change how fast a run is, not what it computes (left out of the fingerprint).
 #: ``force`` is left out so that ``--resume --force`` redoes only the inputs whose checks failed
 #: (forced results record it in prediction.json); optional outputs are checked by file instead.
@@ -143,6 +145,9 @@ def done_before(
     if (saved.get("mask") or {}).get("sha256") != mask_sha256:
         return False
     if (saved.get("input") or {}).get("sha256") != input_sha256:
+        return False
+    people = item.demographics  # a changed age or sex changes the gap and the flags
+    if (saved.get("chronological_age"), saved.get("recorded_sex")) != (people.age, people.sex):
         return False
     folder = prediction.parent
     if any(not (folder / name).exists() for name in (saved.get("outputs") or {}).values()):

@@ -52,6 +52,11 @@ class PrecisionOpt(str, Enum):
     bf16 = "bf16"
 
 
+class RecordedSex(str, Enum):
+    F = "F"
+    M = "M"
+
+
 class MapSpaceOpt(str, Enum):
     model = "model"
     input = "input"
@@ -238,8 +243,30 @@ def predict(
                      "map) and index.html [default: on for a folder, dataset, list or several "
                      "files]."),
     ] = None,
+    age: Annotated[
+        float | None,
+        typer.Option("--age", min=0, max=150, help="Chronological age in years of the one input "
+                     "(adds the brain-age gap, raw and bias-corrected, and its flags)."),
+    ] = None,
+    sex: Annotated[
+        RecordedSex | None,
+        typer.Option("--sex", help="Recorded sex of the one input (flags a strong "
+                     "disagreement with the predicted P(female))."),
+    ] = None,
+    participants: Annotated[
+        Path | None,
+        typer.Option("--participants", help="Table (.tsv/.csv) of participant_id (or t1w "
+                     "paths) with age and/or sex, matched to the inputs by file name or path "
+                     "[default for BIDS: participants.tsv, sessions.tsv and *_scans.tsv; for a "
+                     "list file: its third and fourth columns]."),
+    ] = None,
 ) -> None:
-    """Predict brain age and P(female) and write local age and sex maps."""
+    """Predict brain age and P(female) and write local age and sex maps.
+
+    With the chronological age (--age, --participants, a BIDS participants.tsv or a list file's
+    columns) it also gives the brain-age gap, raw and bias-corrected; see the README's
+    "Reading the numbers".
+    """
     _large_pages_for_torch()
     from brainbag.inference import InferenceSettings
     from brainbag.model import RF_KERNEL3
@@ -274,6 +301,9 @@ def predict(
         jobs=jobs,
         resume=resume,
         overwrite=overwrite,
+        age=age,
+        sex=sex.value if sex is not None else None,
+        participants=participants,
     )
     import time
 
@@ -375,38 +405,137 @@ def _print_report(console: Any, report: Any) -> None:
 
 def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer: bool = True
                  ) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    if len(records) == 1 and records[0].get("status") == "ok":
+        _print_one(console, records[0])
+        if footer:
+            console.print(f"results in {out}/ (prediction.json and maps)")
+        return
     table = Table(title="brainbag predictions", show_lines=False)
     table.add_column("subject")
-    table.add_column("age (years)", justify="right")
-    table.add_column("P(female)", justify="right")
-    table.add_column("RF", justify="right")
-    table.add_column("mode")
-    table.add_column("seconds", justify="right")
-    table.add_column("status")
     sessions = any(r.get("session") for r in records)
     if sessions:
         table.add_column("session")
+    table.add_column("age (years)", justify="right")
+    table.add_column("90% interval", justify="right")
+    table.add_column("sex (P(female))", justify="right")
+    people = any(r.get("chronological_age") is not None for r in records)
+    if people:
+        table.add_column("chron. age", justify="right")
+        table.add_column("gap", justify="right")
+        table.add_column("corrected gap", justify="right")
+    table.add_column("RF", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("status")
     for r in records:
         status = str(r.get("status"))
         shown = {"ok": "[green]ok[/]", "failed": "[red]failed[/]"}.get(status,
                                                                        f"[yellow]{status}[/]")
         if r.get("resumed"):
             shown += " (earlier run)"
+        if r.get("warnings") and status == "ok":
+            shown += " [yellow](warnings)[/]"
+        interval = "-"
+        if _number(r.get("age_interval_low"), 0) != "-":
+            interval = (f"{_number(r.get('age_interval_low'), 0)}-"
+                        f"{_number(r.get('age_interval_high'), 0)}")
+        sex = "-"
+        if _number(r.get("p_female"), 2) != "-":
+            sex = f"{r.get('sex_call') or '?'} ({_number(r.get('p_female'), 2)})"
         table.add_row(
-            str(r.get("subject")),
+            escape(str(r.get("subject"))),
+            *([escape(str(r.get("session") or ""))] if sessions else []),
             _number(r.get("age"), 1),
-            _number(r.get("p_female"), 2),
+            interval,
+            sex,
+            *([_number(r.get("chronological_age"), 1), _signed(r.get("brain_age_gap")),
+               _signed(r.get("brain_age_gap_corrected"))] if people else []),
             str(r.get("rf") or "-"),
-            str(r.get("mode") or "-"),
             _number(r.get("seconds"), 1),
             shown,
-            *([str(r.get("session") or "")] if sessions else []),
         )
     console.print(table)
+    worth = _model_worth(records)
+    if worth:
+        console.print(worth, soft_wrap=True)
     if footer:
         console.print(f"results in {out}/ (predictions.tsv, prediction.json and maps per input)")
+
+
+def _print_one(console: Any, r: dict[str, Any]) -> None:
+    """One prediction as a person's numbers, one per line, each with how far to trust it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    reading = r.get("reading") or {}
+    methods = reading.get("methods") or {}
+    ids = " ".join(str(x) for x in (r.get("subject"), r.get("session")) if x)
+    table = Table(title=f"brainbag: {escape(ids)}", title_justify="left", show_header=False,
+                  box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    if r.get("age") is not None:
+        interval = ""
+        if r.get("age_interval_low") is not None:
+            level = (methods.get("age_interval") or {}).get("level", 0.9)
+            interval = (f"{level:.0%} interval {r['age_interval_low']:.0f}-"
+                        f"{r['age_interval_high']:.0f} y")
+        table.add_row("predicted age", f"{r['age']:.1f} y", interval)
+    if r.get("p_female") is not None:
+        table.add_row("sex", str(r.get("sex_call") or "-"), f"P(female) {r['p_female']:.2f}")
+    if r.get("chronological_age") is not None:
+        table.add_row("chronological age", f"{r['chronological_age']:.1f} y",
+                      escape(str(reading.get("demographics_source") or "")))
+    if r.get("brain_age_gap") is not None:
+        table.add_row("brain-age gap", f"{_signed(r['brain_age_gap'])} y",
+                      "predicted - chronological")
+    if r.get("brain_age_gap_corrected") is not None:
+        sd = (methods.get("brain_age_gap_corrected") or {}).get("corrected_gap_sd")
+        table.add_row("bias-corrected gap", f"{_signed(r['brain_age_gap_corrected'])} y",
+                      "de Lange & Cole 2020" + (f"; SD {sd:.1f} y in healthy held-out adults"
+                                                if sd else ""))
+    if r.get("recorded_sex") is not None:
+        table.add_row("recorded sex", str(r["recorded_sex"]), "")
+    if r.get("map_spread") is not None:
+        ref = methods.get("map_spread") or {}
+        table.add_row("map spread", f"{r['map_spread']:.1f} y",
+                      f"held-out scans {ref['p5']:.1f}-{ref['p95']:.1f} y" if ref else "")
+    table.add_row("model", f"RF {r.get('rf')}", escape(str((r.get("weights") or {}).get("id"))
+                                                       + f" · {r.get('mode')}"))
+    console.print(table)
+    for note in reading.get("notes") or []:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+    worth = _model_worth([r])
+    if worth:
+        console.print(worth, soft_wrap=True)
+
+
+def _model_worth(records: list[dict[str, Any]]) -> str:
+    """What the weights are worth, from their cross-validation, under every table."""
+    for r in records:
+        reading = r.get("reading") or {}
+        model = reading.get("model") or {}
+        if model.get("age_mae_years") is None:
+            continue
+        acc = model.get("sex_accuracy")
+        lo, hi = reading.get("training_age_range") or (None, None)
+        return (f"weights {(r.get('weights') or {}).get('id')}: cross-validated age MAE "
+                f"{model['age_mae_years']:.1f} y"
+                + (f", sex {acc:.0%} correct" if acc is not None else "")
+                + (f", trained on ages {lo:.0f}-{hi:.0f}" if lo is not None else "")
+                + "; sex is 'undetermined' when P(female) is near 0.5; read the interval, "
+                "not the single number (README: Reading the numbers)")
+    return ""
+
+
+def _signed(value: Any) -> str:
+    try:
+        return f"{float(value):+.1f}"
+    except (TypeError, ValueError):
+        return "-"
 
 
 def _number(value: Any, digits: int) -> str:

@@ -12,8 +12,9 @@
   name's entities; outputs in BIDS-derivatives style,
   ``OUT/sub-X/[ses-Y/]anat/sub-X_[ses-Y_]..._desc-age_map.nii.gz`` and so on.
 * **a list file** (``.txt``, ``.list`` or ``.lst``): one image path per line, relative paths
-  relative to the list file; blank lines and lines starting with ``#`` are ignored; an optional
-  second, tab-separated column names the scan's brain mask. Outputs as for image files.
+  relative to the list file; blank lines and lines starting with ``#`` are ignored; optional
+  tab-separated columns: the scan's brain mask (may be empty), the person's age in years and
+  recorded sex (F/M; empty or ``n/a`` when unknown). Outputs as for image files.
 
 Masks come from ``--mask`` (one input), the list file's second column, or a ``--mask-pattern``
 template such as ``{stem}_mask.nii.gz`` resolved next to each image.
@@ -25,12 +26,13 @@ import json
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from brainbag.errors import UsageError
 from brainbag.io import is_image_path, strip_image_suffix, subject_name
+from brainbag.tables import parse_age, parse_sex
 
 SourceKind = Literal["files", "folder", "bids", "list"]
 LIST_SUFFIXES = (".txt", ".list", ".lst")
@@ -80,6 +82,19 @@ class OutputLocation:
 
 
 @dataclass(frozen=True)
+class Demographics:
+    """The person's chronological age (years) and recorded sex ("F"/"M") at the scan, as the
+    user gave them, and where they came from (None: not given)."""
+
+    age: float | None = None
+    sex: str | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"chronological_age": self.age, "recorded_sex": self.sex, "source": self.source}
+
+
+@dataclass(frozen=True)
 class ScanInput:
     """One input of a run: the image, its ids, its mask and its output location."""
 
@@ -89,6 +104,7 @@ class ScanInput:
     session: str | None = None
     mask: Path | None = None
     mask_error: str | None = None  # a --mask-pattern that named a missing file
+    demographics: Demographics = Demographics()
 
     @staticmethod
     def single(path: Path, mask: Path | None = None) -> ScanInput:
@@ -151,7 +167,7 @@ def _with_mask(item: ScanInput, pattern: str | None) -> ScanInput:
     if not mask.exists():
         error = (f"no mask for {item.path}: --mask-pattern {pattern!r} gives {mask}, which does "
                  "not exist; add the mask or drop --mask-pattern")
-    return ScanInput(item.path, item.subject, item.location, item.session, mask, error)
+    return replace(item, mask=mask, mask_error=error)
 
 
 def is_bids(folder: Path) -> bool:
@@ -226,26 +242,43 @@ def discover_bids(root: Path, out: Path | None = None) -> Discovery:
     return Discovery("bids", items, root=root, ignored=ignored)
 
 
-def read_list(list_file: Path) -> list[tuple[Path, Path | None]]:
-    """``(image, mask or None)`` per non-empty, non-comment line of a list file."""
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of a list file: the image, its mask and the person's age and sex (if given)."""
+
+    image: Path
+    mask: Path | None = None
+    demographics: Demographics = Demographics()
+
+
+LIST_COLUMNS = ("image path", "mask path", "age (years)", "sex (F/M)")
+
+
+def read_list(list_file: Path) -> list[ListEntry]:
+    """One :class:`ListEntry` per non-empty, non-comment line of a list file."""
     try:
         text = list_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"list file {list_file} could not be read ({exc})") from exc
-    entries: list[tuple[Path, Path | None]] = []
-    for line in text.splitlines():
+    entries: list[ListEntry] = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]
-        if len(fields) > 2 or not fields[0]:
+        if len(fields) > len(LIST_COLUMNS) or not fields[0]:
             raise UsageError(
-                f"list file {list_file}: line {line!r} should be an image path, optionally "
-                "followed by a tab and its mask path"
+                f"list file {list_file}, line {number}: {line!r} should be an image path, "
+                "optionally followed by tab-separated " + ", ".join(LIST_COLUMNS[1:])
             )
+        fields += [""] * (len(LIST_COLUMNS) - len(fields))
         image = _relative_to(Path(fields[0]).expanduser(), list_file.parent)
-        mask = _relative_to(Path(fields[1]).expanduser(), list_file.parent) if (
-            len(fields) == 2 and fields[1]) else None
-        entries.append((image, mask))
+        mask = _relative_to(Path(fields[1]).expanduser(), list_file.parent) if fields[1] else None
+        where = f"list file {list_file}, line {number}"
+        age = parse_age(fields[2], where, column="3 (age)")
+        sex = parse_sex(fields[3], where, column="4 (sex)")
+        people = Demographics(age, sex, f"{list_file}, line {number}") if (
+            age is not None or sex is not None) else Demographics()
+        entries.append(ListEntry(image, mask, people))
     return entries
 
 
@@ -328,13 +361,14 @@ def discover(
             raise UsageError(f"list file {list_file} names no image (one path per line)")
         items: list[ScanInput] = []
         seen: set[Path] = set()
-        for image, image_mask in entries:
-            key = image.resolve()
+        for entry in entries:
+            key = entry.image.resolve()
             if key in seen:
                 continue
             seen.add(key)
-            item = ScanInput.single(image, image_mask)
-            items.append(_with_mask(item, mask_pattern) if image_mask is None else item)
+            item = replace(ScanInput.single(entry.image, entry.mask),
+                           demographics=entry.demographics)
+            items.append(_with_mask(item, mask_pattern) if entry.mask is None else item)
         _check_collisions(items, "predict their folder instead (it mirrors sub-folders) or "
                           "use different --out folders")
         return Discovery("list", items, root=list_file)

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 TSV_COLUMNS = (
-    "subject", "session", "path", "input_sha256", "status", "age", "p_female", "rf",
-    "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds", "output",
+    "subject", "session", "path", "input_sha256", "status", "age", "p_female", "sex_call",
+    "age_interval_low", "age_interval_high", "chronological_age", "recorded_sex",
+    "brain_age_gap", "brain_age_gap_corrected", "map_spread", "rf", "weights_id",
+    "weights_sha256", "mode", "warnings", "error", "seconds", "output",
 )
 
 
@@ -101,10 +103,15 @@ def brain_cells(
     return cell_weights(t, stride, offset, list(map_shape))[0].numpy() > 0
 
 
-def display_range(values: np.ndarray, kind: str) -> tuple[float, float]:
-    """Default display range (cal_min, cal_max) for a map."""
+def display_range(values: np.ndarray, kind: str,
+                  age_range: Sequence[float] | None = None) -> tuple[float, float]:
+    """Default display range (cal_min, cal_max) for a map: 0-1 for P(female); for ages the
+    weights' training age range (the same colours mean the same age in every scan), else the
+    map's own 2nd-98th percentiles."""
     if kind == "sex":
         return 0.0, 1.0
+    if age_range is not None and len(age_range) == 2 and age_range[1] > age_range[0]:
+        return float(np.floor(age_range[0])), float(np.ceil(age_range[1]))
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return 0.0, 1.0

@@ -44,6 +44,8 @@ from brainbag.batch import (
     timed,
 )
 from brainbag.checks import CheckOptions, run_checks
+from brainbag.clinical import Reading, map_spread, model_figures, read_prediction
+from brainbag.demographics import add_demographics
 from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_description, discover
 from brainbag.errors import (
     BrainbagError,
@@ -104,6 +106,9 @@ class PredictSettings:
     force: bool = False
     n4: bool = False
     save_conformed: bool = False
+    age: float | None = None  # --age: chronological age of the one input (years)
+    sex: str | None = None  # --sex: recorded sex of the one input ("F" or "M")
+    participants: Path | None = None  # --participants: a table of ages and sexes
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (written to every ``prediction.json``)."""
@@ -112,6 +117,7 @@ class PredictSettings:
         d["mask"] = str(self.mask) if self.mask else None
         d["manifests"] = [str(m) for m in self.manifests]
         d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
+        d["participants"] = str(self.participants) if self.participants else None
         d["inference"]["window"] = list(self.inference.window)
         return d
 
@@ -236,6 +242,7 @@ class Inferred:
     weights: LoadedWeights
     warnings: list[str]
     seconds: float
+    reading: Reading = field(default_factory=Reading)
 
 
 class Predictor:
@@ -362,7 +369,12 @@ class Predictor:
                 warnings.append(
                     f"predicted age {heads.age_global:.1f} y lies outside the training age range "
                     f"{lo:g}-{hi:g} y of weights {weights.id}: an extrapolation, trust it less")
-        return Inferred(result, heads, weights, warnings, time.perf_counter() - t0)
+        people = prepared.item.demographics
+        reading = read_prediction(
+            heads.age_global, heads.p_female, map_spread(heads.age, result.brain), people.age,
+            people.sex, meta.calibration, age_range, weights.id)
+        warnings += reading.warnings
+        return Inferred(result, heads, weights, warnings, time.perf_counter() - t0, reading)
 
     def write(self, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         """Write the input's outputs (staged, then renamed into place); return its record."""
@@ -397,12 +409,22 @@ class Predictor:
         if heads.sex_logit is not None:
             maps["sex_map"] = (_sigmoid(heads.sex_logit), "sex", "brainbag local P(female)")
 
+        reading = inferred.reading
         record: dict[str, Any] = {
             "subject": item.subject,
             "session": item.session,
             "status": "ok",
             "age": heads.age_global,
             "p_female": heads.p_female,
+            **reading.columns(),
+            "reading": {
+                "demographics_source": item.demographics.source,
+                "methods": reading.methods,
+                "notes": reading.notes,
+                "model": {**model_figures(weights.meta.training),
+                          "source": "the weights' cross-validation (model card)"},
+                "training_age_range": weights.meta.training.get("age_range"),
+            },
             "rf": weights.meta.rf,
             "rf_mm": weights.meta.rf_mm,
             "mode": result.mode,
@@ -480,7 +502,7 @@ class Predictor:
             shown: tuple[np.ndarray, tuple[float, float], str] | None = None
             for name, (values, kind, description) in maps.items():
                 values = np.where(cells, values, np.nan).astype(np.float32)
-                cal = display_range(values[cells], kind)
+                cal = display_range(values[cells], kind, weights.meta.training.get("age_range"))
                 if shown is None or kind == "age":
                     shown = (values, cal, "local predicted age (years)" if kind == "age"
                              else "local P(female)")
@@ -589,6 +611,7 @@ def tsv_record(record: dict[str, Any]) -> dict[str, Any]:
         "status": record.get("status", "ok"),
         "age": record.get("age"),
         "p_female": record.get("p_female"),
+        **{k: record.get(k) for k in Reading().columns()},
         "rf": record.get("rf"),
         "weights_id": weights.get("id"),
         "weights_sha256": weights.get("sha256"),
@@ -680,7 +703,9 @@ def run_predict(
     earlier run already finished (``"resumed": True``, with ``--resume``), and ``skipped`` rows
     of inputs not reached when the run was interrupted (KeyboardInterrupt is re-raised).
     """
-    discovery = discover(inputs, settings.out, settings.mask, settings.mask_pattern)
+    discovery = add_demographics(
+        discover(inputs, settings.out, settings.mask, settings.mask_pattern),
+        settings.age, settings.sex, settings.participants)
     return run_discovered(discovery, settings, observer, keep_going)
 
 

@@ -184,19 +184,62 @@ def save_overlay_png(
         fig.savefig(fh, format="png", dpi=DPI, facecolor="black")
 
 
+def _signed(value: Any) -> str:
+    try:
+        return f"{float(value):+.1f} y"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def reading_text(row: dict[str, Any]) -> tuple[str, str]:
+    """The prediction as a person's numbers (age with its interval, sex call, gap) and the
+    gap line, from a record or a predictions.tsv row (values may be strings)."""
+    parts = []
+    if _present(row.get("age")):
+        age = f"age {_num(row.get('age'), 1)} y"
+        if _present(row.get("age_interval_low")):
+            age += (f" (90% interval {_num(row.get('age_interval_low'), 0)}-"
+                    f"{_num(row.get('age_interval_high'), 0)})")
+        parts.append(age)
+    if _present(row.get("p_female")):
+        call = row.get("sex_call") or "-"
+        parts.append(f"sex {call} (P(female) {_num(row.get('p_female'), 2)})")
+    gap = ""
+    if _present(row.get("chronological_age")):
+        gap = f"chronological age {_num(row.get('chronological_age'), 1)} y"
+        if _present(row.get("brain_age_gap")):
+            gap += f" · gap {_signed(row.get('brain_age_gap'))}"
+        if _present(row.get("brain_age_gap_corrected")):
+            gap += f" (bias-corrected {_signed(row.get('brain_age_gap_corrected'))})"
+    if _present(row.get("recorded_sex")):
+        gap += (" · " if gap else "") + f"recorded sex {row.get('recorded_sex')}"
+    return "   ·   ".join(parts), gap
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value != ""
+
+
 def png_title(record: dict[str, Any]) -> tuple[str, str]:
-    """Title (ids, age, sex) and subtitle (model, mode) of one input's PNG."""
+    """Title (ids, age with interval, sex call, gap) and subtitle (model and what it is worth,
+    mode, file) of one input's PNG."""
     ids = " ".join(str(x) for x in (record.get("subject"), record.get("session")) if x)
-    parts = [ids]
-    if record.get("age") is not None:
-        parts.append(f"age {record['age']:.1f} y")
-    p_female = record.get("p_female")
-    if p_female is not None:
-        parts.append(f"sex {'F' if p_female >= 0.5 else 'M'} (P(female) {p_female:.2f})")
+    numbers, gap = reading_text(record)
+    title = "   ·   ".join(x for x in (ids, numbers) if x)
     weights = record.get("weights") or {}
-    subtitle = (f"RF {record.get('rf')} mm · weights {weights.get('id')} · "
-                f"{record.get('mode')} · {Path(str((record.get('input') or {}).get('path'))).name}")
-    return "   ·   ".join(parts), subtitle
+    model = (record.get("reading") or {}).get("model") or {}
+    worth = []
+    if model.get("age_mae_years") is not None:
+        worth.append(f"age MAE {model['age_mae_years']:.1f} y")
+    if model.get("sex_accuracy") is not None:
+        worth.append(f"sex {model['sex_accuracy']:.0%} correct")
+    subtitle = (f"RF {record.get('rf')} · weights {weights.get('id')}"
+                + (f" (cross-validated: {', '.join(worth)})" if worth else "")
+                + f" · {record.get('mode')} · "
+                f"{Path(str((record.get('input') or {}).get('path'))).name}")
+    if gap:
+        subtitle = gap + "\n" + subtitle
+    return title, subtitle
 
 
 _PAGE = """<!DOCTYPE html>
@@ -232,7 +275,8 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
     cards = []
     for row in ok:
         ids = " ".join(x for x in (row.get("subject"), row.get("session")) if x)
-        numbers = f"age {_num(row.get('age'), 1)} · P(female) {_num(row.get('p_female'), 2)}"
+        numbers, gap = reading_text(row)
+        numbers = " · ".join(x for x in (numbers, gap) if x)
         warn = ("<br><span class='failed'>UNTRAINED weights: the numbers mean nothing</span>"
                 if "UNTRAINED" in str(row.get("warnings")) else "")
         picture = "<p>(no picture)</p>"
