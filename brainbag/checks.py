@@ -109,6 +109,7 @@ class CheckReport:
     results: list[CheckResult]
     seconds: float
     n4: Any = None  # fixes.N4Result when the bias check ran N4 (options.n4)
+    read_error: str | None = None  # why the image could not be loaded, as predict says it
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -132,6 +133,11 @@ class CheckReport:
         if rest:
             text += f" (also failed: {', '.join(r.name for r in rest)})"
         return text + "; --force predicts anyway"
+
+    def refusal(self) -> str:
+        """The one-line error ``predict`` gives for this input: the reader's error when the
+        image cannot be loaded, else :meth:`failure_message`."""
+        return self.read_error or self.failure_message()
 
     def to_list(self) -> list[dict[str, Any]]:
         return [{"path": str(self.path), **r.to_dict()} for r in self.results]
@@ -189,6 +195,19 @@ class CheckContext:
     @property
     def zooms(self) -> tuple[float, float, float]:
         return self.loaded().zooms
+
+    def read_failed(self) -> bool:
+        """True when the header reads and declares one sane volume but the data does not load
+        (a truncated or corrupt file): the failure no header-only check reports."""
+        if "loaded" not in self._errors:
+            return False
+        try:
+            img = self.header()
+            check_data_size(img, self.path)
+        except (Skip, InputError):
+            return False
+        shape = img.shape
+        return (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) and min(shape[:3]) >= 2
 
     def brain(self) -> BrainMask:
         """The brain mask the model will use: ``--mask`` or voxels > 0."""
@@ -444,9 +463,15 @@ def check_header(ctx: CheckContext) -> CheckResult:
 
 
 def check_values(ctx: CheckContext) -> CheckResult:
-    """Finite values, not a constant image."""
-    data = ctx.loaded().image.data
-    expected = "finite values that vary"
+    """The voxel data reads to its end (gzip CRC included); finite values, not constant."""
+    expected = "voxel data that reads to the end, finite values that vary"
+    try:
+        data = ctx.loaded().image.data
+    except Skip:
+        if not ctx.read_failed():
+            raise
+        return CheckResult("values", "fail", ctx._errors["loaded"], expected,
+                           "copy or export the scan again")
     bad = int((~np.isfinite(data)).sum())
     if bad:
         return CheckResult("values", "fail", f"{bad:,} NaN or infinite voxels", expected,
@@ -704,7 +729,8 @@ def run_checks(
             results.append(CheckResult(name, "skip", f"not checked: {exc}", "", ""))
         except BrainbagError as exc:
             results.append(CheckResult(name, "fail", str(exc), "", ""))
-    return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4)
+    read_error = ctx._errors.get("loaded") if loaded is None else None
+    return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4, read_error)
 
 
 def find_images(paths: list[Path]) -> list[Path]:

@@ -334,7 +334,16 @@ def check(
              EXIT_USAGE)
     options = CheckOptions(mask=mask, n4=n4)
     console = _console()
-    show = None if json_out else (lambda report: _print_report(console, report))
+    err = _console(stderr=True)
+
+    def show(report: Any) -> None:
+        from rich.markup import escape
+
+        if not json_out:
+            _print_report(console, report)
+        if report.failures:  # the line predict would refuse this input with
+            err.print(f"[bold red]error:[/] {escape(report.refusal())}", soft_wrap=True)
+
     try:
         reports = check_inputs(list(inputs), options, on_report=show)
     except BrainbagError as exc:

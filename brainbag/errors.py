@@ -35,5 +35,13 @@ class ProcessingError(BrainbagError):
     """A failure while processing a valid input (for example non-finite network output)."""
 
 
+class OutputError(BrainbagError):
+    """An output that cannot be written (permissions, a read-only or full file system)."""
+
+
+class FolderInUse(UsageError):
+    """Another live brainbag run is writing into this output folder."""
+
+
 class ManifestError(WeightsError):
     """A weights manifest that is unreadable or breaks the manifest schema."""

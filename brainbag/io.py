@@ -177,10 +177,11 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
             f"{what} {path} has shape {shape[:3]}: a single slice, not a 3D volume"
         )
     try:
+        verify_gzip(path)
         data = np.asarray(proxy, dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(
-            f"{what} {path}: image data could not be read ({type(exc).__name__}: {exc}); "
+            f"{what} {path}: image data could not be read ({_error_name(exc)}: {exc}); "
             "the file is truncated or corrupt: copy or export it again"
         ) from exc
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -198,6 +199,34 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
         sha256=sha256_file(path),
         xform_code=xform_code,
     )
+
+
+def _error_name(exc: BaseException) -> str:
+    return "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+
+
+def verify_gzip(path: Path, chunk: int = 1 << 20) -> None:
+    """Decompress a gzip file to its end (keeping nothing) so that its CRC and length trailers
+    are verified: reading the voxels alone stops where the data ends, so a file cut inside its
+    8-byte trailer or with corrupt bytes that still inflate passes unnoticed. Files that do not
+    start with the gzip magic are left to nibabel. Raises ``EOFError`` (truncated) or
+    ``zlib.error`` (corrupt)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return
+        fh.seek(0)
+        inflate = zlib.decompressobj(wbits=31)
+        for data in iter(lambda: fh.read(chunk), b""):
+            block = data
+            while block:
+                if inflate.eof:  # a member ended: another member follows, or zero padding
+                    if not block.strip(b"\0"):
+                        break
+                    inflate = zlib.decompressobj(wbits=31)
+                inflate.decompress(block, chunk)  # bounded output: a gzip bomb costs no memory
+                block = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+    if not inflate.eof:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
 def declared_size(img: Any) -> tuple[int, int]:

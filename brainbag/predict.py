@@ -48,6 +48,7 @@ from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_desc
 from brainbag.errors import (
     BrainbagError,
     InputError,
+    OutputError,
     ProcessingError,
     UsageError,
     WeightsError,
@@ -76,6 +77,7 @@ from brainbag.outputs import (
     save_nifti_atomic,
     write_json_atomic,
 )
+from brainbag.lock import OutputLock
 from brainbag.preprocess import Conformed, conform, load_mask
 from brainbag.weights import LoadedWeights, open_weights
 
@@ -630,6 +632,16 @@ def _failed_record(
     }
 
 
+def _write_error(item: ScanInput, out: Path, exc: OSError) -> OutputError:
+    """The run-level error of outputs that cannot be written (nothing of the input is kept)."""
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputError(
+        f"could not write the outputs of {item.path} in {out}: {why}{where}; nothing of this "
+        "input was kept: free some space or fix the folder's permissions, then rerun with "
+        "--resume")
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, BrainbagError):
         return str(exc)
@@ -690,8 +702,10 @@ def run_discovered(
     observer: RunObserver | None = None,
     keep_going: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`run_predict` on inputs already discovered."""
-    return BatchRun(discovery, settings, observer, keep_going).run()
+    """:func:`run_predict` on inputs already discovered, holding the output folder's lock
+    (:mod:`brainbag.lock`) for the whole run: a second run on the same ``--out`` is refused."""
+    with OutputLock(settings.out):
+        return BatchRun(discovery, settings, observer, keep_going).run()
 
 
 Outcome = Future[Staged[dict[str, Any]]] | Staged[dict[str, Any]]
@@ -786,6 +800,8 @@ class BatchRun:
             staged = outcome.result() if isinstance(outcome, Future) else outcome
             try:
                 record = staged.get()
+            except OSError as exc:  # the outputs cannot be written: no later input can be
+                raise _write_error(item, self.settings.out, exc) from exc
             except Exception as exc:
                 record = self._failed(item, exc, spent + staged.seconds)
             self._keep(item, record)
