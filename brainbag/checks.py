@@ -126,13 +126,21 @@ class CheckReport:
     def get(self, name: str) -> CheckResult:
         return next(r for r in self.results if r.name == name)
 
-    def failure_message(self) -> str:
+    def failure_message(self, override: str = "--force predicts anyway") -> str:
         """One line for the first failed check, naming the file and the others that failed."""
         first, *rest = self.failures
         text = f"{self.path}: check {first.message()}"
         if rest:
             text += f" (also failed: {', '.join(r.name for r in rest)})"
-        return text + "; --force predicts anyway"
+        return f"{text}; {override}"
+
+    def summary(self) -> str:
+        """One word or a few: ``pass``, ``warn: names`` or ``fail: names`` (a table cell)."""
+        if self.failures:
+            return "fail: " + ", ".join(r.name for r in self.failures)
+        if self.warnings:
+            return "warn: " + ", ".join(r.name for r in self.warnings)
+        return "pass"
 
     def refusal(self) -> str:
         """The one-line error ``predict`` gives for this input: the reader's error when the

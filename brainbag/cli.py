@@ -895,6 +895,10 @@ def evaluate(
     device: Annotated[Device, typer.Option("--device")] = Device.auto,
     precision: Annotated[PrecisionOpt, typer.Option("--precision")] = PrecisionOpt.fp32,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the scatter PNG.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Evaluate images that fail predict's input checks "
+                           "(recorded per image in checks.json and predictions.tsv).")
+    ] = False,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.evaluate import EvaluateSettings, run_evaluate, table_rows
@@ -905,7 +909,7 @@ def evaluate(
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
                                     device=device.value, precision=precision.value),
-        plot=not no_plot,
+        plot=not no_plot, force=force,
     )
     console = _console()
     with _exit_on_errors(), console.status("evaluating...", spinner="dots") as status:
