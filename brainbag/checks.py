@@ -21,14 +21,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from brainbag.errors import BrainbagError, InputError
+from brainbag.errors import BrainbagError, InputError, one_line
 from brainbag.io import (
+    CORRUPT_FILE_ERRORS,
     MAX_VOXELS,
     LoadedImage,
     axis_codes,
     bounding_box,
     check_affine,
     check_data_size,
+    check_pixdim,
     declared_size,
     format_mm,
     is_image_path,
@@ -439,6 +441,7 @@ def check_header(ctx: CheckContext) -> CheckResult:
     affine = np.asarray(img.affine, dtype=np.float64)
     expected = "positive finite voxel sizes, an invertible affine, qform = sform when both set"
     try:
+        check_pixdim(img, ctx.path)
         check_affine(affine, ctx.path)
     except InputError as exc:
         return CheckResult("header", "fail", str(exc).split(" has ", 1)[-1].split(";")[0],
@@ -454,8 +457,16 @@ def check_header(ctx: CheckContext) -> CheckResult:
             expected, "left/right and the other axes are guessed; set the orientation (e.g. "
             "fslorient, or re-export with dcm2niix)")
     if qcode > 0 and scode > 0:
-        q, s = hdr.get_qform(), hdr.get_sform()
-        corners = np.array(np.meshgrid(*[[0, n - 1] for n in img.shape[:3]], indexing="ij"))
+        try:
+            q, s = hdr.get_qform(), hdr.get_sform()
+        except CORRUPT_FILE_ERRORS as exc:  # e.g. a quaternion that is not a rotation
+            return CheckResult(
+                "header", "warn", f"the qform is invalid ({one_line(str(exc))})", expected,
+                "brainbag (like FSL and nibabel) uses the sform; viewers that use the qform "
+                "cannot place the scan: fix the header (e.g. fslorient -copysform2qform)")
+        dims = (*img.shape[:3], 1, 1, 1)[:3]  # a 0D-2D header (dim[0] < 3) still has 3 axes
+        corners = np.array(np.meshgrid(*[[0, max(int(n) - 1, 0)] for n in dims],
+                                       indexing="ij"))
         ijk = np.vstack([corners.reshape(3, -1), np.ones((1, 8))])
         shift = float(np.abs((q - s) @ ijk)[:3].max())
         if shift > 1.0:

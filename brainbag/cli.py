@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from brainbag import __version__
-from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError
+from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError, one_line
 
 app = typer.Typer(
     name="brainbag",
@@ -83,7 +83,8 @@ def fail(exc: BaseException, code: int = EXIT_FAILURE) -> NoReturn:
         traceback.print_exception(exc)
     from rich.markup import escape
 
-    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(one_line(str(exc)))}",
+                                soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -116,6 +117,10 @@ def main_callback(
 ) -> None:
     """brainbag: brain age and sex from T1-weighted MRI."""
     _state["debug"] = debug
+    if not debug:  # nibabel logs the header fixes it makes; brainbag's checks report them
+        import logging
+
+        logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 ManifestOpt = Annotated[
@@ -342,7 +347,8 @@ def check(
         if not json_out:
             _print_report(console, report)
         if report.failures:  # the line predict would refuse this input with
-            err.print(f"[bold red]error:[/] {escape(report.refusal())}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(one_line(report.refusal()))}",
+                      soft_wrap=True)
 
     try:
         reports = check_inputs(list(inputs), options, on_report=show)
@@ -945,5 +951,5 @@ def main() -> None:
     except BrainbagError as exc:  # raised outside a command's own handling
         if _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)

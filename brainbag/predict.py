@@ -71,13 +71,13 @@ from brainbag.io import (
     resample_masked,
     sha256_file,
 )
+from brainbag.lock import OutputLock
 from brainbag.outputs import (
     default_mode,
     display_range,
     save_nifti_atomic,
     write_json_atomic,
 )
-from brainbag.lock import OutputLock
 from brainbag.preprocess import Conformed, conform, load_mask
 from brainbag.weights import LoadedWeights, open_weights
 
@@ -632,6 +632,16 @@ def _failed_record(
     }
 
 
+def _naming(exc: BaseException, path: Path) -> BaseException:
+    """``exc`` with the input's path in front when its message does not name the file (errors of
+    preprocessing and inference on a single input, such as a constant brain)."""
+    if not isinstance(exc, BrainbagError) or str(path) in str(exc):
+        return exc
+    named = type(exc)(f"{path}: {exc}")
+    named.__cause__ = exc
+    return named
+
+
 def _write_error(item: ScanInput, out: Path, exc: OSError) -> OutputError:
     """The run-level error of outputs that cannot be written (nothing of the input is kept)."""
     why = exc.strerror or str(exc)
@@ -808,8 +818,10 @@ class BatchRun:
 
     def _failed(self, item: ScanInput, exc: BaseException, seconds: float) -> dict[str, Any]:
         """The failed row of ``item``; re-raises run-level errors and, outside a batch, all."""
-        if isinstance(exc, (WeightsError, UsageError)) or not self.keep_going:
+        if isinstance(exc, (WeightsError, UsageError)):
             raise exc
+        if not self.keep_going:
+            raise _naming(exc, item.path)
         record = _failed_record(item, "failed", _error_text(exc), seconds, self.settings,
                                 self.predictor.weights.loaded)
         record["traceback"] = "".join(traceback.format_exception(exc))
