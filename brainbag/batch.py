@@ -22,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from brainbag.discover import Discovery, ScanInput
 from brainbag.errors import UsageError
+from brainbag.lock import LOCK_NAME
 from brainbag.outputs import TSV_COLUMNS, write_tsv_atomic
 
 TSV_NAME = "predictions.tsv"
@@ -76,7 +77,7 @@ def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"--out {out} is a file, not a folder")
     if resume or overwrite or not out.exists():
         return
-    if any(out.iterdir()):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):
         what = "results (predictions.tsv)" if (out / TSV_NAME).exists() else "files"
         raise UsageError(
             f"output folder {out} already holds {what}: pass --resume to finish it (inputs done "

@@ -21,14 +21,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from brainbag.errors import BrainbagError, InputError
+from brainbag.errors import BrainbagError, InputError, one_line
 from brainbag.io import (
+    CORRUPT_FILE_ERRORS,
     MAX_VOXELS,
     LoadedImage,
     axis_codes,
     bounding_box,
     check_affine,
     check_data_size,
+    check_pixdim,
     declared_size,
     format_mm,
     is_image_path,
@@ -109,6 +111,7 @@ class CheckReport:
     results: list[CheckResult]
     seconds: float
     n4: Any = None  # fixes.N4Result when the bias check ran N4 (options.n4)
+    read_error: str | None = None  # why the image could not be loaded, as predict says it
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -125,13 +128,26 @@ class CheckReport:
     def get(self, name: str) -> CheckResult:
         return next(r for r in self.results if r.name == name)
 
-    def failure_message(self) -> str:
+    def failure_message(self, override: str = "--force predicts anyway") -> str:
         """One line for the first failed check, naming the file and the others that failed."""
         first, *rest = self.failures
         text = f"{self.path}: check {first.message()}"
         if rest:
             text += f" (also failed: {', '.join(r.name for r in rest)})"
-        return text + "; --force predicts anyway"
+        return f"{text}; {override}"
+
+    def summary(self) -> str:
+        """One word or a few: ``pass``, ``warn: names`` or ``fail: names`` (a table cell)."""
+        if self.failures:
+            return "fail: " + ", ".join(r.name for r in self.failures)
+        if self.warnings:
+            return "warn: " + ", ".join(r.name for r in self.warnings)
+        return "pass"
+
+    def refusal(self) -> str:
+        """The one-line error ``predict`` gives for this input: the reader's error when the
+        image cannot be loaded, else :meth:`failure_message`."""
+        return self.read_error or self.failure_message()
 
     def to_list(self) -> list[dict[str, Any]]:
         return [{"path": str(self.path), **r.to_dict()} for r in self.results]
@@ -189,6 +205,19 @@ class CheckContext:
     @property
     def zooms(self) -> tuple[float, float, float]:
         return self.loaded().zooms
+
+    def read_failed(self) -> bool:
+        """True when the header reads and declares one sane volume but the data does not load
+        (a truncated or corrupt file): the failure no header-only check reports."""
+        if "loaded" not in self._errors:
+            return False
+        try:
+            img = self.header()
+            check_data_size(img, self.path)
+        except (Skip, InputError):
+            return False
+        shape = img.shape
+        return (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) and min(shape[:3]) >= 2
 
     def brain(self) -> BrainMask:
         """The brain mask the model will use: ``--mask`` or voxels > 0."""
@@ -412,6 +441,7 @@ def check_header(ctx: CheckContext) -> CheckResult:
     affine = np.asarray(img.affine, dtype=np.float64)
     expected = "positive finite voxel sizes, an invertible affine, qform = sform when both set"
     try:
+        check_pixdim(img, ctx.path)
         check_affine(affine, ctx.path)
     except InputError as exc:
         return CheckResult("header", "fail", str(exc).split(" has ", 1)[-1].split(";")[0],
@@ -427,8 +457,16 @@ def check_header(ctx: CheckContext) -> CheckResult:
             expected, "left/right and the other axes are guessed; set the orientation (e.g. "
             "fslorient, or re-export with dcm2niix)")
     if qcode > 0 and scode > 0:
-        q, s = hdr.get_qform(), hdr.get_sform()
-        corners = np.array(np.meshgrid(*[[0, n - 1] for n in img.shape[:3]], indexing="ij"))
+        try:
+            q, s = hdr.get_qform(), hdr.get_sform()
+        except CORRUPT_FILE_ERRORS as exc:  # e.g. a quaternion that is not a rotation
+            return CheckResult(
+                "header", "warn", f"the qform is invalid ({one_line(str(exc))})", expected,
+                "brainbag (like FSL and nibabel) uses the sform; viewers that use the qform "
+                "cannot place the scan: fix the header (e.g. fslorient -copysform2qform)")
+        dims = (*img.shape[:3], 1, 1, 1)[:3]  # a 0D-2D header (dim[0] < 3) still has 3 axes
+        corners = np.array(np.meshgrid(*[[0, max(int(n) - 1, 0)] for n in dims],
+                                       indexing="ij"))
         ijk = np.vstack([corners.reshape(3, -1), np.ones((1, 8))])
         shift = float(np.abs((q - s) @ ijk)[:3].max())
         if shift > 1.0:
@@ -444,9 +482,15 @@ def check_header(ctx: CheckContext) -> CheckResult:
 
 
 def check_values(ctx: CheckContext) -> CheckResult:
-    """Finite values, not a constant image."""
-    data = ctx.loaded().image.data
-    expected = "finite values that vary"
+    """The voxel data reads to its end (gzip CRC included); finite values, not constant."""
+    expected = "voxel data that reads to the end, finite values that vary"
+    try:
+        data = ctx.loaded().image.data
+    except Skip:
+        if not ctx.read_failed():
+            raise
+        return CheckResult("values", "fail", ctx._errors["loaded"], expected,
+                           "copy or export the scan again")
     bad = int((~np.isfinite(data)).sum())
     if bad:
         return CheckResult("values", "fail", f"{bad:,} NaN or infinite voxels", expected,
@@ -704,7 +748,8 @@ def run_checks(
             results.append(CheckResult(name, "skip", f"not checked: {exc}", "", ""))
         except BrainbagError as exc:
             results.append(CheckResult(name, "fail", str(exc), "", ""))
-    return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4)
+    read_error = ctx._errors.get("loaded") if loaded is None else None
+    return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4, read_error)
 
 
 def find_images(paths: list[Path]) -> list[Path]:

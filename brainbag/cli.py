@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from brainbag import __version__
-from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError
+from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError, one_line
 
 app = typer.Typer(
     name="brainbag",
@@ -88,7 +88,8 @@ def fail(exc: BaseException, code: int = EXIT_FAILURE) -> NoReturn:
         traceback.print_exception(exc)
     from rich.markup import escape
 
-    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(one_line(str(exc)))}",
+                                soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -121,6 +122,10 @@ def main_callback(
 ) -> None:
     """brainbag: brain age and sex from T1-weighted MRI."""
     _state["debug"] = debug
+    if not debug:  # nibabel logs the header fixes it makes; brainbag's checks report them
+        import logging
+
+        logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 ManifestOpt = Annotated[
@@ -364,7 +369,17 @@ def check(
              EXIT_USAGE)
     options = CheckOptions(mask=mask, n4=n4)
     console = _console()
-    show = None if json_out else (lambda report: _print_report(console, report))
+    err = _console(stderr=True)
+
+    def show(report: Any) -> None:
+        from rich.markup import escape
+
+        if not json_out:
+            _print_report(console, report)
+        if report.failures:  # the line predict would refuse this input with
+            err.print(f"[bold red]error:[/] {escape(one_line(report.refusal()))}",
+                      soft_wrap=True)
+
     try:
         reports = check_inputs(list(inputs), options, on_report=show)
     except BrainbagError as exc:
@@ -1015,6 +1030,10 @@ def evaluate(
     device: Annotated[Device, typer.Option("--device")] = Device.auto,
     precision: Annotated[PrecisionOpt, typer.Option("--precision")] = PrecisionOpt.fp32,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the scatter PNG.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Evaluate images that fail predict's input checks "
+                           "(recorded per image in checks.json and predictions.tsv).")
+    ] = False,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.evaluate import EvaluateSettings, run_evaluate, table_rows
@@ -1025,7 +1044,7 @@ def evaluate(
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
                                     device=device.value, precision=precision.value),
-        plot=not no_plot,
+        plot=not no_plot, force=force,
     )
     console = _console()
     with _exit_on_errors(), console.status("evaluating...", spinner="dots") as status:
@@ -1061,5 +1080,5 @@ def main() -> None:
     except BrainbagError as exc:  # raised outside a command's own handling
         if _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)

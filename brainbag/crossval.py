@@ -183,7 +183,7 @@ def run_crossval(
         results = run_evaluate(EvaluateSettings(
             data=data, weights=(weights,), split="val", split_file=split,
             out=folder / "eval", inference=inference or InferenceSettings(),
-            plot=False))
+            plot=False, force=True))  # the data trained on: checks recorded, never refused
         rows = [{**r, "fold": fold, "source": image_source(Path(r["t1w"]), root)}
                 for r in results[0].rows]
         train_records = [r for r in source.records if folds.get(r.group) != fold]

@@ -6,6 +6,8 @@ found, what was expected and the fix. The CLI turns it into one red line and ``e
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -35,5 +37,19 @@ class ProcessingError(BrainbagError):
     """A failure while processing a valid input (for example non-finite network output)."""
 
 
+class OutputError(BrainbagError):
+    """An output that cannot be written (permissions, a read-only or full file system)."""
+
+
+class FolderInUse(UsageError):
+    """Another live brainbag run is writing into this output folder."""
+
+
 class ManifestError(WeightsError):
     """A weights manifest that is unreadable or breaks the manifest schema."""
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: messages of other libraries (nibabel's among them) may hold line
+    breaks, and brainbag's errors are one line."""
+    return re.sub(r"\s*\n\s*", " ", text.strip())

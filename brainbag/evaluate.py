@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from brainbag.checks import CheckReport
 from brainbag.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
 from brainbag.errors import InputError, UsageError
 from brainbag.inference import InferenceSettings
@@ -48,6 +49,7 @@ class EvaluateSettings:
     out: Path = Path("brainbag-eval")
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     plot: bool = True
+    force: bool = False  # evaluate images that fail predict's input checks (recorded per image)
 
     def validate(self) -> None:
         if self.split not in ("all", "train", "val", "test"):
@@ -180,6 +182,7 @@ def run_evaluate(
     settings.validate()
     _, records = select_records(settings)
     loaded = [load_weights(p) for p in settings.weights]
+    checks = check_records(records, settings)
     taken: set[str] = set()
     results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
                              list(w.meta.heads), [], {}) for w in loaded]
@@ -194,19 +197,48 @@ def run_evaluate(
             conformed = by_spacing[spacing]
             maps = run_weights(weights, conformed, settings.inference)
             heads = interpret(maps, weights)
-            result.rows.append(_row(record, heads.age_global, heads.p_female,
-                                    map_spread(heads.age, maps.brain)))
+            row = _row(record, heads.age_global, heads.p_female,
+                       map_spread(heads.age, maps.brain))
+            row["checks"] = checks[k].summary()
+            result.rows.append(row)
     settings.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings.out / "checks.json", [
+        {"participant_id": r.participant_id, "session": r.session, "t1w": str(r.t1w),
+         "checks": c.summary(), "forced": bool(c.failures), "results": c.to_list()}
+        for r, c in zip(records, checks, strict=True)])
     for result in results:
         result.metrics = _metrics(result, settings)
         folder = settings.out / result.label
-        write_text_atomic(folder / "predictions.tsv", predictions_tsv(result.rows))
+        write_text_atomic(folder / "predictions.tsv", predictions_tsv(result.rows, ("checks",)))
         write_json_atomic(folder / "metrics.json", result.metrics)
         if settings.plot and "age" in result.heads:
             scatter_png(folder / "age_scatter.png", result)
     if len(results) > 1:
         write_text_atomic(settings.out / "table.tsv", table_tsv(results))
     return results
+
+
+def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings
+                  ) -> list[CheckReport]:
+    """Run predict's input checks on every image before any inference, so a bad image stops
+    the evaluation at once (with the line predict would print) unless ``settings.force``.
+    An image that cannot be read stops it even with ``--force``."""
+    from brainbag.checks import CheckOptions, run_checks
+    from brainbag.io import load_image
+    from brainbag.preprocess import load_mask
+
+    reports = []
+    for record in records:
+        loaded = load_image(record.t1w)
+        mask = load_mask(record.mask, loaded) if record.mask is not None else None
+        options = CheckOptions(mask=record.mask, mode=settings.inference.mode)
+        reports.append(run_checks(record.t1w, options, loaded=loaded, mask=mask))
+    failed = [r for r in reports if r.failures]
+    if failed and not settings.force:
+        also = f" (and {len(failed) - 1} more of {len(reports)} images)" if len(failed) > 1 else ""
+        raise InputError(failed[0].failure_message(
+            f"--force evaluates anyway (recorded per image){also}"))
+    return reports
 
 
 def _row(record: ImageRecord, age: float | None, p_female: float | None,

@@ -16,6 +16,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 import hashlib
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ AXIS_CODES = ("R", "A", "S")
 MAX_VOXELS = 2**28
 # deflate cannot expand data more than ~1032-fold: a larger declared size is a corrupt header
 MAX_GZIP_RATIO = 1100
+# what nibabel raises on a malformed file, besides ImageFileError (found by header fuzzing,
+# tests/test_fuzz_headers.py): a file brainbag cannot parse is corrupt, never a crash
+CORRUPT_FILE_ERRORS = (OSError, EOFError, ValueError, zlib.error, TypeError, IndexError,
+                       KeyError, OverflowError, struct.error,
+                       nib.spatialimages.HeaderDataError, nib.freesurfer.mghformat.MGHError)
 
 
 def strip_image_suffix(name: str) -> str:
@@ -141,7 +147,7 @@ def read_header(path: Path, what: str = "input") -> Any:
             f"{what} {path} is not a NIfTI or MGZ image ({exc}); "
             "brainbag reads .nii, .nii.gz and .mgz files"
         ) from exc
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
+    except CORRUPT_FILE_ERRORS as exc:
         raise InputError(
             f"{what} {path} could not be read ({type(exc).__name__}: {exc}); "
             "the file is truncated or corrupt: copy or export it again"
@@ -177,13 +183,15 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
             f"{what} {path} has shape {shape[:3]}: a single slice, not a 3D volume"
         )
     try:
+        verify_gzip(path)
         data = np.asarray(proxy, dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
+    except CORRUPT_FILE_ERRORS as exc:
         raise InputError(
-            f"{what} {path}: image data could not be read ({type(exc).__name__}: {exc}); "
+            f"{what} {path}: image data could not be read ({_error_name(exc)}: {exc}); "
             "the file is truncated or corrupt: copy or export it again"
         ) from exc
     affine = np.asarray(img.affine, dtype=np.float64)
+    check_pixdim(img, path, what)
     check_affine(affine, path, what)
     header = img.header
     xform_code = 1
@@ -198,6 +206,34 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
         sha256=sha256_file(path),
         xform_code=xform_code,
     )
+
+
+def _error_name(exc: BaseException) -> str:
+    return "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+
+
+def verify_gzip(path: Path, chunk: int = 1 << 20) -> None:
+    """Decompress a gzip file to its end (keeping nothing) so that its CRC and length trailers
+    are verified: reading the voxels alone stops where the data ends, so a file cut inside its
+    8-byte trailer or with corrupt bytes that still inflate passes unnoticed. Files that do not
+    start with the gzip magic are left to nibabel. Raises ``EOFError`` (truncated) or
+    ``zlib.error`` (corrupt)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return
+        fh.seek(0)
+        inflate = zlib.decompressobj(wbits=31)
+        for data in iter(lambda: fh.read(chunk), b""):
+            block = data
+            while block:
+                if inflate.eof:  # a member ended: another member follows, or zero padding
+                    if not block.strip(b"\0"):
+                        break
+                    inflate = zlib.decompressobj(wbits=31)
+                inflate.decompress(block, chunk)  # bounded output: a gzip bomb costs no memory
+                block = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+    if not inflate.eof:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
 def declared_size(img: Any) -> tuple[int, int]:
@@ -218,6 +254,10 @@ def check_data_size(img: Any, path: Path, what: str = "input") -> None:
     """
     voxels, nbytes = declared_size(img)
     shape = "x".join(str(int(n)) for n in img.shape)
+    if not img.shape or min(int(n) for n in img.shape) < 1:
+        raise InputError(
+            f"{what} {path}: the header declares dimensions {shape or 'none'}, not sizes of "
+            "1 or more; the header is corrupt: export the scan again")
     if voxels > MAX_VOXELS:
         raise InputError(
             f"{what} {path}: the header declares {shape} = {voxels:,} voxels per volume, more "
@@ -235,6 +275,25 @@ def check_data_size(img: Any, path: Path, what: str = "input") -> None:
             f"{img.header.get_data_dtype()} data) but the file holds {held}; the file is "
             "truncated or its header is corrupt: copy or export it again"
         )
+
+
+def check_pixdim(img: Any, path: Path, what: str = "input") -> None:
+    """Refuse a NIfTI whose voxel sizes come from ``pixdim`` (no sform) when they are zero or
+    not finite: nibabel then silently uses 1 mm, a size the file never stated."""
+    if not isinstance(img, nib.Nifti1Image) or int(img.header["sform_code"]) > 0:
+        return
+    try:  # the header as stored: nibabel's loaded copy has zero pixdims already set to 1
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+    except CORRUPT_FILE_ERRORS:
+        return
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if np.all(np.isfinite(pixdim)) and np.all(pixdim != 0):
+        return
+    raise InputError(
+        f"{what} {path}: the header's voxel sizes (pixdim) are "
+        f"{'x'.join(f'{v:g}' for v in pixdim)} mm and no sform gives them: a degenerate "
+        "header; set the voxel sizes (e.g. fslchpixdim) or export the scan again")
 
 
 def check_affine(affine: np.ndarray, path: Path, what: str = "input") -> None:

@@ -50,6 +50,7 @@ from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_desc
 from brainbag.errors import (
     BrainbagError,
     InputError,
+    OutputError,
     ProcessingError,
     UsageError,
     WeightsError,
@@ -72,6 +73,7 @@ from brainbag.io import (
     resample_masked,
     sha256_file,
 )
+from brainbag.lock import OutputLock
 from brainbag.outputs import (
     default_mode,
     display_range,
@@ -653,6 +655,26 @@ def _failed_record(
     }
 
 
+def _naming(exc: BaseException, path: Path) -> BaseException:
+    """``exc`` with the input's path in front when its message does not name the file (errors of
+    preprocessing and inference on a single input, such as a constant brain)."""
+    if not isinstance(exc, BrainbagError) or str(path) in str(exc):
+        return exc
+    named = type(exc)(f"{path}: {exc}")
+    named.__cause__ = exc
+    return named
+
+
+def _write_error(item: ScanInput, out: Path, exc: OSError) -> OutputError:
+    """The run-level error of outputs that cannot be written (nothing of the input is kept)."""
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputError(
+        f"could not write the outputs of {item.path} in {out}: {why}{where}; nothing of this "
+        "input was kept: free some space or fix the folder's permissions, then rerun with "
+        "--resume")
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, BrainbagError):
         return str(exc)
@@ -715,8 +737,10 @@ def run_discovered(
     observer: RunObserver | None = None,
     keep_going: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`run_predict` on inputs already discovered."""
-    return BatchRun(discovery, settings, observer, keep_going).run()
+    """:func:`run_predict` on inputs already discovered, holding the output folder's lock
+    (:mod:`brainbag.lock`) for the whole run: a second run on the same ``--out`` is refused."""
+    with OutputLock(settings.out):
+        return BatchRun(discovery, settings, observer, keep_going).run()
 
 
 Outcome = Future[Staged[dict[str, Any]]] | Staged[dict[str, Any]]
@@ -811,14 +835,18 @@ class BatchRun:
             staged = outcome.result() if isinstance(outcome, Future) else outcome
             try:
                 record = staged.get()
+            except OSError as exc:  # the outputs cannot be written: no later input can be
+                raise _write_error(item, self.settings.out, exc) from exc
             except Exception as exc:
                 record = self._failed(item, exc, spent + staged.seconds)
             self._keep(item, record)
 
     def _failed(self, item: ScanInput, exc: BaseException, seconds: float) -> dict[str, Any]:
         """The failed row of ``item``; re-raises run-level errors and, outside a batch, all."""
-        if isinstance(exc, (WeightsError, UsageError)) or not self.keep_going:
+        if isinstance(exc, (WeightsError, UsageError)):
             raise exc
+        if not self.keep_going:
+            raise _naming(exc, item.path)
         record = _failed_record(item, "failed", _error_text(exc), seconds, self.settings,
                                 self.predictor.weights.loaded)
         record["traceback"] = "".join(traceback.format_exception(exc))

@@ -127,3 +127,32 @@ def test_a_text_file_is_reported_not_crashed(tmp_path: Path) -> None:
     rows = json.loads(result.stdout)
     assert {r["name"]: r["status"] for r in rows if r["path"] == str(notes)}["file"] == "fail"
     assert {r["name"]: r["status"] for r in rows if r["path"] == str(ones)}["values"] == "fail"
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "cut in the trailer", "CRC flipped"])
+def test_check_reads_the_voxel_data_to_the_end(tmp_path: Path, damage: str) -> None:
+    """A gzip NIfTI with an intact header but damaged data fails check, as predict refuses it,
+    with the same one-line error and exit 1 (it used to pass: the data checks were skipped)."""
+    demo = Path(__file__).resolve().parents[1] / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"
+    data = bytearray(demo.read_bytes())
+    if damage == "cut in half":
+        data = data[: len(data) // 2]
+    elif damage == "cut in the trailer":
+        data = data[:-4]
+    else:
+        data[-6] ^= 0xFF
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(data))
+    result = runner.invoke(app, ["check", str(bad), "--json"])
+    assert result.exit_code == 1, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["file"]["status"] == "pass" and rows["values"]["status"] == "fail"
+    assert "truncated or corrupt" in rows["values"]["found"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: input ") and str(bad) in lines[0]
+    from brainbag.errors import InputError
+    from brainbag.io import load_image
+
+    with pytest.raises(InputError) as info:  # what predict raises for the same file
+        load_image(bad)
+    assert lines[0] == f"error: {info.value}"

@@ -63,7 +63,7 @@ def test_training_learns_age_from_local_texture(tmp_path: Path) -> None:
     ev = run_evaluate(EvaluateSettings(
         data=data, weights=(result.weights,), split="test", out=tmp_path / "eval",
         inference=InferenceSettings(mode="sliding", window=(40, 40, 40), device="cpu"),
-        plot=False))[0]
+        plot=False, force=True))[0]  # synthetic blocks are no brains: predict's checks fail
     rows = ev.rows
     train_ages = [float(line.split("\t")[3]) for line in
                   (out / "splits.tsv").read_text().splitlines()[1:]
@@ -162,11 +162,19 @@ def test_train_writes_a_run_folder_that_predict_and_evaluate_use(tiny_data: Path
     assert "UNTRAINED" not in pred.stderr
 
     ev = tmp_path / "eval"
-    result = runner.invoke(app, ["evaluate", str(tiny_data), "--weights",
-                                 str(out / "weights.safetensors"), "--weights",
-                                 str(out / "weights.safetensors"), "--split", "test", "--out",
-                                 str(ev), "--mode", "full"])
+    args = ["evaluate", str(tiny_data), "--weights", str(out / "weights.safetensors"),
+            "--weights", str(out / "weights.safetensors"), "--split", "test", "--out", str(ev),
+            "--mode", "full"]
+    refused = runner.invoke(app, args)  # a 24^3 block is no brain: predict's checks fail
+    assert refused.exit_code == 1 and not ev.exists()
+    line = refused.stderr.strip()
+    assert "\n" not in line and "check brain_mask" in line and "(and 2 more of 3 images)" in line
+    assert "--force evaluates anyway" in line
+    result = runner.invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
+    checks = json.loads((ev / "checks.json").read_text())
+    assert len(checks) == 3 and all(c["forced"] and "brain_mask" in c["checks"] for c in checks)
+    assert {r["name"] for r in checks[0]["results"]} >= {"values", "brain_mask", "voxel_size"}
     assert "age MAE" in result.stdout and "AUC" in result.stdout
     folders = sorted(p.name for p in ev.iterdir() if p.is_dir())
     assert folders == ["run", "run-2"]
@@ -174,6 +182,8 @@ def test_train_writes_a_run_folder_that_predict_and_evaluate_use(tiny_data: Path
     assert metrics["images"] == 3 and metrics["age"]["n"] == 3 and metrics["sex"]["n"] == 3
     rows = (ev / "run" / "predictions.tsv").read_text().splitlines()
     assert len(rows) == 4 and all(r.split("\t")[2] == "test" for r in rows[1:])
+    assert rows[0].split("\t")[-1] == "checks"
+    assert all(r.split("\t")[-1].startswith("fail: ") for r in rows[1:])
     assert (ev / "run" / "age_scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((ev / "table.tsv").read_text().splitlines()) == 3
 

@@ -1,0 +1,136 @@
+"""The issue-14 corpus: 13 broken inputs, each refused clearly by the command a user would run
+(``brainbag predict``, and ``brainbag check`` for the files): exit 1 (2 for usage), one line
+naming the file, what was found and the fix, and nothing left in the output folder.
+
+``pytest tests/test_bad_input_corpus.py -s`` prints the 13 messages.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import make_affine, save
+from phantom import head
+from test_batch import predict, read_tsv
+from typer.testing import CliRunner
+
+from brainbag.cli import app
+
+runner = CliRunner()
+DEMO = Path(__file__).resolve().parents[1] / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"
+
+
+def _raw_header_bomb(path: Path) -> Path:
+    """A valid NIfTI-1 header declaring 30000^3 float32 voxels (108 TB) in a 1 kB file."""
+    img = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    raw = bytearray(img.to_bytes())
+    hdr = np.frombuffer(raw, dtype=nib.nifti1.header_dtype, count=1).copy()
+    hdr["dim"][0, 1:4] = 30000
+    raw[:348] = hdr.tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _zero_pixdim(path: Path) -> Path:
+    img = nib.Nifti1Image(np.random.default_rng(0).uniform(1, 100, (20, 20, 20)).astype(
+        np.float32), None)
+    img.header.set_zooms((0.0, 0.0, 0.0))
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """name -> the command's arguments after the subcommand (the files are made here)."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(14)
+    data, affine, mask = head()
+    good = save(data, affine, tmp / "good.nii.gz")
+    (tmp / "truncated.nii.gz").write_bytes(DEMO.read_bytes()[: DEMO.stat().st_size // 2])
+    (tmp / "empty.nii.gz").write_bytes(b"")
+    (tmp / "random.nii").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp / "text.nii.gz").write_bytes(gzip.compress(b"patient list\nname,age\n"))
+    nib.save(nib.Nifti1Image(data[:, :, 40].astype(np.float32), affine), str(tmp / "2d.nii.gz"))
+    save(np.stack([data] * 3, axis=-1), affine, tmp / "4d.nii.gz")
+    nan = data.copy()
+    nan[40:50, 50:60, 40:45] = np.nan
+    save(nan, affine, tmp / "nan.nii.gz")
+    save(np.zeros_like(data), affine, tmp / "allzero.nii.gz")
+    _zero_pixdim(tmp / "zero_pixdim.nii")
+    _raw_header_bomb(tmp / "bomb.nii")
+    save(mask[::2, ::2, ::2], make_affine(zooms=(4.0, 4.0, 4.0)), tmp / "coarse_mask.nii.gz")
+    mixed = tmp / "mixed"
+    mixed.mkdir()
+    save(data, affine, mixed / "good.nii.gz")
+    (mixed / "bad.nii.gz").write_bytes(DEMO.read_bytes()[:5000])
+    files = {name: [str(tmp / f)] for name, f in (
+        ("truncated", "truncated.nii.gz"), ("empty", "empty.nii.gz"), ("random bytes",
+         "random.nii"), ("text", "text.nii.gz"), ("2D", "2d.nii.gz"), ("4D", "4d.nii.gz"),
+        ("NaN", "nan.nii.gz"), ("all-zero", "allzero.nii.gz"),
+        ("zero pixdim", "zero_pixdim.nii"), ("header bomb", "bomb.nii"))}
+    return {**files,
+            "mask on another grid": [str(good), "--mask", str(tmp / "coarse_mask.nii.gz")],
+            "missing file": [str(tmp / "no_such_scan.nii.gz")],
+            "mixed batch": [str(mixed)]}
+
+
+EXPECTED = {  # what each message must say (besides naming the file)
+    "truncated": "truncated or corrupt",
+    "empty": "Empty file",
+    "random bytes": "is not a NIfTI or MGZ image",
+    "text": "is not a NIfTI or MGZ image",
+    "2D": "has 2 dimensions (96, 116); brainbag needs a 3D T1 volume",
+    "4D": "is 4D with 3 volumes",
+    "NaN": "check values: 500 NaN or infinite voxels",
+    "all-zero": "check values: every voxel is 0",
+    "zero pixdim": "voxel sizes (pixdim) are 0x0x0 mm",
+    "header bomb": "27,000,000,000,000 voxels per volume",
+    "mask on another grid": "is on another grid than",
+    "missing file": "not found",
+    "mixed batch": "file is truncated or its header is corrupt",
+}
+MESSAGES: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_each_bad_input_is_refused_in_one_clear_line(name: str, corpus, tmp_path: Path,
+                                                     tiny_weights) -> None:
+    args = corpus[name]
+    out = tmp_path / "out"
+    result = predict(*args, "--weights", tiny_weights(), "--out", out, "--mode", "full",
+                     "--no-png")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code in (1, 2), result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    if name == "mixed batch":
+        # the batch goes on: the good scan is predicted, the bad one refused in its row
+        rows = {Path(r["path"]).name: r for r in read_tsv(out / "predictions.tsv")}
+        assert rows["good.nii.gz"]["status"] == "ok"
+        assert rows["bad.nii.gz"]["status"] == "failed"
+        message = rows["bad.nii.gz"]["error"]
+        assert "\n" not in message
+        assert f"FAILED {Path(args[0]) / 'bad.nii.gz'}" in result.stderr.replace("\n", " ") or \
+            "bad.nii.gz" in result.stderr
+    else:
+        assert len(errors) == 1, result.stderr
+        message = errors[0][len("error: "):]
+        named = args[2] if name == "mask on another grid" else args[0]
+        assert named in message or Path(named).name in message, message
+        assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
+    assert EXPECTED[name] in message, message
+    MESSAGES[name] = message
+    if name not in ("mask on another grid", "missing file", "mixed batch"):
+        checked = runner.invoke(app, ["check", *args, "--json"])  # check refuses it too
+        assert checked.exit_code == 1, checked.output
+        assert [x for x in checked.stderr.splitlines() if x.startswith("error:")], checked.stderr
+
+
+def test_zz_print_the_messages() -> None:
+    for name, message in MESSAGES.items():
+        print(f"{name}: {message}")
