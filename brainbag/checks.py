@@ -286,7 +286,8 @@ def head_object_litres(data: np.ndarray, zooms: tuple[float, float, float]) -> f
     """
     import SimpleITK as sitk
 
-    factors = [max(1, int(round(2.0 / z))) for z in zooms]
+    # at most the axis length: BinShrink refuses a bin larger than the image
+    factors = [min(n, max(1, int(round(2.0 / z)))) for n, z in zip(data.shape, zooms, strict=True)]
     clean = np.where(np.isfinite(data), data, 0).astype(np.float32)
     small = sitk.BinShrink(_sitk(clean, zooms), factors)
     values = _array(small)

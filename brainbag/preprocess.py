@@ -17,6 +17,7 @@ import numpy as np
 
 from brainbag.errors import InputError
 from brainbag.io import (
+    MAX_VOXELS,
     Image,
     LoadedImage,
     anchored_grid,
@@ -151,6 +152,14 @@ def conform(
         # see the zeros that lie beyond it, as they would in a scan with a larger field of view:
         # a scan cropped tightly around the brain then conforms like the uncropped one.
         pad = int(math.ceil(4 * max(sigmas))) + 2
+        padded_shape = [n + 2 * pad for n in data.shape]
+        if max(math.prod(shape), math.prod(padded_shape)) > MAX_VOXELS:
+            raise InputError(
+                f"{loaded.path}: resampling its {format_mm(zooms)} voxels to {spacing:g} mm "
+                f"would need a grid of {max(math.prod(shape), math.prod(padded_shape)):,} "
+                f"voxels, more than brainbag accepts ({MAX_VOXELS:,}); the header's voxel "
+                "sizes are implausible for a brain scan: check them (e.g. fslhd) and fix the "
+                "header")
         lift = np.eye(4)
         lift[:3, 3] = pad
         padded = np.pad(data, pad)

@@ -134,3 +134,22 @@ def test_each_bad_input_is_refused_in_one_clear_line(name: str, corpus, tmp_path
 def test_zz_print_the_messages() -> None:
     for name, message in MESSAGES.items():
         print(f"{name}: {message}")
+
+
+@pytest.mark.parametrize("zoom", [0.002, 5e3])
+def test_implausible_voxel_sizes_with_force_are_one_line_not_a_memory_error(
+        zoom: float, tmp_path: Path, tiny_weights) -> None:
+    """Found by a random fuzz run: with --force, a header whose voxels are 0.002 mm (smoothing
+    before coarsening pads by thousands of voxels) or 5 m (a giant grid) made conform allocate
+    until MemoryError. The resampling grid is now bounded like the input."""
+    data = np.zeros((12, 12, 12), np.float32)
+    data[3:9, 3:9, 3:9] = 100.0
+    scan = save(data, make_affine(zooms=(zoom,) * 3), tmp_path / "odd.nii.gz")
+    out = tmp_path / "out"
+    result = predict(scan, "--weights", tiny_weights(), "--out", out, "--mode", "full",
+                     "--force", "--no-png")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "voxel sizes are implausible" in errors[0], result.stderr
+    assert "odd.nii.gz" in errors[0]
+    assert not out.exists() or not any(out.iterdir())
