@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, make_affine, sample, save
+from conftest import REPO, make_affine, sample, save, shared
 from typer.testing import CliRunner
 
 from brainbag.batch import ResultsTable, read_ahead, settings_fingerprint
@@ -421,6 +421,47 @@ def test_mask_pattern_pairs_masks_and_never_predicts_them(tmp_path: Path, tiny_w
     bad = predict(data, "--weights", "w.safetensors", "--out", tmp_path / "o",
                   "--mask-pattern", "{subj}_mask.nii.gz")
     assert bad.exit_code == 2 and "unknown: subj" in bad.stderr
+
+
+@pytest.mark.parametrize("scan_name", ["s0_T1w.nii.gz", "s0.nii.gz"])
+def test_prefix_mask_pattern_finds_masks_and_leaves_them_out_of_the_inputs(
+        tmp_path: Path, scan_name: str) -> None:
+    """`{prefix}` means one thing when finding a scan's mask and when leaving masks out of the
+    inputs (issue 16: the mask was predicted as an input, looking for `s0_mask_mask`)."""
+    data = tmp_path / "pair"
+    brain(data / scan_name)
+    brain(data / "s0_mask.nii.gz")
+    found = discover([data], tmp_path / "out", mask_pattern="{prefix}_mask.nii.gz")
+    assert [i.path.name for i in found.items] == [scan_name]
+    assert found.items[0].mask == data / "s0_mask.nii.gz"
+    assert found.items[0].mask_error is None
+
+
+def test_prefix_mask_pattern_on_the_shared_ixi_2mm_folder(tmp_path: Path) -> None:
+    """The shared ixi/2mm folder (50 `*_T1w` scans, 50 `*_mask`): 50 inputs, each with its mask."""
+    folder = shared("ixi/2mm")
+    for pattern in ("{prefix}_mask.nii.gz", "{subject}_mask.nii.gz"):
+        found = discover([folder], tmp_path / "out", mask_pattern=pattern)
+        assert len(found.items) == 50, pattern
+        assert all(i.path.name.endswith("_T1w.nii.gz") for i in found.items)
+        assert all(i.mask_error is None for i in found.items)
+        assert {i.mask.name for i in found.items if i.mask} == {
+            i.path.name.replace("_T1w", "_mask") for i in found.items}
+
+
+def test_a_text_file_that_is_not_a_list_of_scans_is_refused_before_any_output(
+        tmp_path: Path) -> None:
+    """Issue 16: notes.txt was read as a list, gave a failed row per line and a results
+    folder. No line is an image path: a usage error, nothing written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("This is my notes file about patient scans.\nSecond line.\n")
+    out = tmp_path / "results"
+    result = predict(notes, "--weights", "w.safetensors", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "not a list of scans" in result.stderr
+    assert "This is my notes file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_usage_errors_of_batch_inputs(tmp_path: Path) -> None:
