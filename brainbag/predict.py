@@ -533,7 +533,8 @@ class Predictor:
         untrained = not record["weights"]["trained"]
         warning = "UNTRAINED weights (random initialisation): these numbers mean nothing" \
             if untrained else None
-        save_overlay_png(path, views, title, subtitle, value_range, warning, label)
+        notes = [w for w in record["warnings"] if "UNTRAINED" not in w]
+        save_overlay_png(path, views, title, subtitle, value_range, warning, label, notes)
 
 
 def _resample_fix(loaded: LoadedImage, conformed: Conformed) -> dict[str, Any]:
