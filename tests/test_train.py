@@ -190,7 +190,7 @@ def test_an_existing_run_needs_resume_and_keeps_its_settings(tiny_data: Path,
     more = runner.invoke(app, ["train", str(tiny_data), "--out", str(out), "--resume",
                                "--epochs", "2", *TINY])
     assert more.exit_code == 0, more.output
-    assert "resumed from epoch 1" in more.stdout
+    assert "resumed after epoch 1: continuing with epoch 2" in more.stdout
     assert [r[0] for r in _metrics(out)[1:]] == ["1", "2"]
 
 
@@ -218,7 +218,7 @@ def test_resume_after_a_kill_continues_with_identical_losses(tiny_data: Path,
     done = subprocess.run(args + ["--out", str(killed), "--resume"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"resumed from epoch {saved}" in done.stdout
+    assert f"resumed after epoch {saved}" in done.stdout
     assert _metrics(killed) == _metrics(straight)
     a = load_weights(straight / "weights.safetensors").model.state_dict()
     b = load_weights(killed / "weights.safetensors").model.state_dict()
@@ -236,6 +236,33 @@ class _InterruptAt(QuietReporter):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class _Messages(QuietReporter):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+def test_resume_of_a_finished_run_says_nothing_to_do_before_loading_volumes(
+        tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 16: `train --resume` of a finished run loaded every volume first."""
+    import brainbag.train as bt
+
+    out = tmp_path / "run"
+    first = run_training(_config(tiny_data, out, epochs=1), QuietReporter())
+
+    def no_loading(self, sets) -> None:
+        raise AssertionError("volumes loaded although there is nothing to do")
+
+    monkeypatch.setattr(bt.Trainer, "_load", no_loading)
+    said = _Messages()
+    again = run_training(_config(tiny_data, out, epochs=1), said, resume=True)
+    assert any(m.startswith("nothing to do: 1 of 1 epochs done") for m in said.messages)
+    assert (again.epochs, again.best_epoch, again.weights) == (1, first.best_epoch,
+                                                                first.weights)
+
+
 def test_ctrl_c_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(
         tiny_data: Path, tmp_path: Path) -> None:
     straight = run_training(_config(tiny_data, tmp_path / "a"), QuietReporter())
@@ -245,8 +272,12 @@ def test_ctrl_c_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(
     ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    resumed = run_training(_config(tiny_data, tmp_path / "b"), QuietReporter(), resume=True)
+    said = _Messages()
+    resumed = run_training(_config(tiny_data, tmp_path / "b"), said, resume=True)
     assert resumed.resumed_from == 1
+    # issue 16: after "interrupted at epoch 2, step 1/2" the resume said "from epoch 1, step 1"
+    assert any(m.startswith("resumed from epoch 2, step 1/2: continuing with step 2/2")
+               for m in said.messages), said.messages
     assert [r["train_loss"] for r in resumed.history] == [
         r["train_loss"] for r in straight.history]
     assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
