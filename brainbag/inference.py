@@ -193,10 +193,10 @@ def idle_cpus() -> int:
     """CPUs of this machine that other work leaves idle: all of them minus the 1-minute load
     average (rounded), at least 1; all of them where the load cannot be read.
 
-    Measured on the shared 2-CPU VM (bench/busy_threads.py, bench/README.md): with one CPU taken
-    by another job, two threads made a predict up to 2x slower than one, as every parallel
-    operation waits for the thread that is not scheduled; on an idle machine one thread lost
-    nothing for the bundled weights.
+    Measured on the shared 2-CPU VM (bench/busy_threads.py, bench/README.md): with the CPUs
+    taken by other work, two threads made a predict 1.6-1.9x slower than one (3.4x in issue 16),
+    as every parallel operation waits for the thread that is not scheduled; on a nearly idle
+    machine one thread cost nothing with the bundled weights.
     """
     cpus = os.cpu_count() or 1
     try:
