@@ -238,7 +238,10 @@ def _what_is_wanted(path: Path) -> str:
         return f"its run folder holds the predict-ready weights: --weights {run_weights}"
     wanted = (f"pass the {SUFFIX} file `brainbag train` writes into its run folder "
               f"(weights{SUFFIX}) or a weights id from `brainbag weights list`")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() == ".ckpt":
+        wanted += (f"; this run folder has none yet: `brainbag train DATA --out {path.parent} "
+                   "--resume` continues the run and writes it")
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
         wanted += ("; brainbag never loads pickled weights (convert a trained model with "
                    "brainbag.weights.save_weights)")
     return wanted

@@ -145,7 +145,8 @@ def test_weights_that_are_a_checkpoint_an_image_or_text_say_what_they_are(
     ckpt.write_bytes(b"\x80\x04K\x01.")
     result = runner.invoke(app, ["predict", str(img), "--weights", str(ckpt), FORCE])
     assert result.exit_code == 1
-    _one_line_error(result, "training checkpoint", "weights.safetensors")
+    _one_line_error(result, "training checkpoint", "weights.safetensors",
+                    f"--out {run} --resume")
     (run / "weights.safetensors").write_bytes(b"x")
     result = runner.invoke(app, ["predict", str(img), "--weights", str(ckpt), FORCE])
     _one_line_error(result, "training checkpoint", f"--weights {run / 'weights.safetensors'}")
