@@ -128,32 +128,44 @@ def done_before(
     fingerprint: str,
     mask_sha256: str | None,
     need: Sequence[str] = (),
-) -> bool:
-    """True when ``row`` is an ``ok`` result of this very input, weights and settings whose
-    outputs (and the optional outputs ``need``, such as ``"png"``) are all still in place, so
-    ``--resume`` can skip the input."""
-    if row is None or row.get("status") != "ok":
-        return False
-    if row.get("input_sha256") != input_sha256 or row.get("weights_sha256") != weights_sha256:
-        return False
+) -> dict[str, Any] | None:
+    """The saved ``prediction.json`` of ``item`` when an earlier run finished it with this very
+    input, mask, weights and settings and its outputs (and the optional outputs ``need``, such
+    as ``"png"``) are all still in place, so ``--resume`` can skip it; else None.
+
+    ``row`` is the input's row in the table: an ``ok`` row must agree; a ``skipped`` row (or none)
+    does not stop a finished input counting as done: the run that wrote it was interrupted or
+    killed before its row was saved. A ``failed`` row means the last run could not do it.
+    """
+    row = row or {}
+    status = row.get("status")
+    if status not in (None, "ok", "skipped"):
+        return None
+    if status == "ok" and (row.get("input_sha256") != input_sha256
+                           or row.get("weights_sha256") != weights_sha256):
+        return None
     prediction = out / item.location.relative("prediction")
     try:
         saved = json.loads(prediction.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    if saved.get("settings_fingerprint") != fingerprint:
-        return False
+        return None
+    if not isinstance(saved, dict) or saved.get("settings_fingerprint") != fingerprint:
+        return None
     if (saved.get("mask") or {}).get("sha256") != mask_sha256:
-        return False
+        return None
     if (saved.get("input") or {}).get("sha256") != input_sha256:
-        return False
+        return None
+    if (saved.get("weights") or {}).get("sha256") != weights_sha256:
+        return None
     people = item.demographics  # a changed age or sex changes the gap and the flags
     if (saved.get("chronological_age"), saved.get("recorded_sex")) != (people.age, people.sex):
-        return False
+        return None
     folder = prediction.parent
     if any(not (folder / name).exists() for name in (saved.get("outputs") or {}).values()):
-        return False
-    return all((out / item.location.relative(kind)).exists() for kind in need)
+        return None
+    if not all((out / item.location.relative(kind)).exists() for kind in need):
+        return None
+    return saved
 
 
 @dataclass

@@ -664,14 +664,15 @@ def check_field_of_view(ctx: CheckContext) -> CheckResult:
     cut = [f"{side} ({area:.0f} cm^2)" for side, area in contact.items()
            if area > (INFERIOR_BORDER_CM2 if side == "inferior" else BORDER_CM2)]
     crop = "x".join(str(c) for c in TRAINING_CROP)
-    size = "x".join(f"{e:.0f}" for e in extent)
+    shown = [round(e) for e in extent]  # compared as shown: 160 mm is not larger than 160
+    size = "x".join(str(e) for e in shown)
     expected = f"brain inside the image; model trained on {crop} mm crops (x y z)"
     values = {"brain_extent_mm": list(extent), "border_cm2": contact}
     if cut:
         return CheckResult("field_of_view", "warn", f"brain {size} mm touches the image border: "
                            + ", ".join(cut), expected, "part of the brain may be cut off: use a "
                            "scan covering the whole brain", values)
-    larger = [ax for ax, e, c in zip("xyz", extent, TRAINING_CROP, strict=True) if e > c]
+    larger = [ax for ax, e, c in zip("xyz", shown, TRAINING_CROP, strict=True) if e > c]
     if larger and ctx.options.mode == "full":
         return CheckResult("field_of_view", "warn", f"brain {size} mm, larger than the crop "
                            f"along {', '.join(larger)}", expected, "--mode full shows the model "

@@ -17,9 +17,52 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from brainbag import __version__
 from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError, one_line
+
+#: Help texts are rich markup: a literal ``[`` is written ``\\[`` (rich drops ``[default: 9]``
+#: as an unknown style tag, which left help texts ending in " .").
+
+
+def _default(text: str) -> str:
+    """``[default: text]`` for a help text (escaped for rich markup)."""
+    return f"\\[default: {text}]"
+
+
+def _train_default(key: str) -> str:
+    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.config.TrainConfig`
+    default, so the help cannot drift from the configuration."""
+    from brainbag.config import TrainConfig
+
+    value = getattr(TrainConfig(), key)
+    if isinstance(value, bool):
+        return _default("on" if value else "off")
+    return _default(" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """On/off flags take no value: show no ``<bool>`` type for them in ``--help``."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A brainbag command: its flags show no value type in ``--help``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="brainbag",
@@ -28,6 +71,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
     rich_markup_mode="rich",
+    cls=Group,
 )
 
 _state = {"debug": False}
@@ -135,7 +179,7 @@ ManifestOpt = Annotated[
 ]
 CacheDirOpt = Annotated[
     Path | None,
-    typer.Option("--cache-dir", help="Weights cache folder [default: $BRAINBAG_CACHE_DIR, else "
+    typer.Option("--cache-dir", help="Weights cache folder \\[default: $BRAINBAG_CACHE_DIR, else "
                  "the HuggingFace hub cache]."),
 ]
 OfflineOpt = Annotated[
@@ -145,7 +189,7 @@ OfflineOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def predict(
     inputs: Annotated[
         list[Path],
@@ -155,13 +199,13 @@ def predict(
     ],
     rf: Annotated[
         int | None,
-        typer.Option("--rf", help="Receptive field in mm: 9, 17, 33 or 177 [default: 9, or the "
+        typer.Option("--rf", help="Receptive field in mm: 9, 17, 33 or 177 \\[default: 9, or the "
                      "RF of --weights]."),
     ] = None,
     weights: Annotated[
         str | None,
         typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
-                     "a .safetensors file written by brainbag [default: the manifest's default "
+                     "a .safetensors file written by brainbag \\[default: the manifest's default "
                      "for --rf]."),
     ] = None,
     out: Annotated[
@@ -197,7 +241,8 @@ def predict(
     threads: Annotated[
         int,
         typer.Option("--threads", help="CPU threads; 0 = one per physical core, at most the CPUs "
-                     "this process may use. On a busy machine, fewer is faster."),
+                     "this process may use and those other work leaves idle (by the 1-minute "
+                     "load average): on a busy machine more threads are slower."),
     ] = 0,
     no_resample: Annotated[
         bool,
@@ -245,7 +290,7 @@ def predict(
     png: Annotated[
         bool | None,
         typer.Option("--png/--no-png", help="Write a PNG per input (three slices with the age "
-                     "map) and index.html [default: on for a folder, dataset, list or several "
+                     "map) and index.html \\[default: on for a folder, dataset, list or several "
                      "files]."),
     ] = None,
     age: Annotated[
@@ -338,7 +383,7 @@ def predict(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@app.command()
+@app.command(cls=Command)
 def check(
     inputs: Annotated[
         list[Path],
@@ -565,6 +610,7 @@ weights_app = typer.Typer(
     help="List, fetch, verify, describe and publish weights listed in the manifests.",
     no_args_is_help=True,
     rich_markup_mode="rich",
+    cls=Group,
 )
 app.add_typer(weights_app, name="weights")
 
@@ -600,7 +646,7 @@ def _no_entries(catalog: Any) -> None:
         markup=False)
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=Command)
 def weights_list(
     as_json: Annotated[
         bool, typer.Option("--json", help="A JSON list, one object per entry.")
@@ -642,9 +688,9 @@ def weights_list(
     console.print(f"cache: {hub.cache_dir}", soft_wrap=True, markup=False)
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", cls=Command)
 def weights_fetch(
-    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs [default: all].")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs \\[default: all].")] = None,
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -677,9 +723,9 @@ def weights_fetch(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", cls=Command)
 def weights_verify(
-    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs [default: all].")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Weights IDs \\[default: all].")] = None,
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -712,18 +758,23 @@ def weights_verify(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@weights_app.command("info")
+@weights_app.command("info", cls=Command)
 def weights_info(
-    weights_id: Annotated[str, typer.Argument(metavar="ID", help="Weights ID.")],
+    weights_id: Annotated[str, typer.Argument(
+        metavar="ID|FILE", help="Weights ID, or a .safetensors file written by brainbag.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the entry as JSON.")] = False,
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Show the model card of one weights entry."""
+    """Show the model card of one weights entry or weights file."""
     import json
 
     from brainbag.hub import entry_status
+    from brainbag.weights import is_weights_path
 
+    if is_weights_path(weights_id):
+        _file_info(Path(weights_id), as_json)
+        return
     entry = _select(_catalog(manifest), [weights_id])[0]
     try:
         st = entry_status(entry, _hub(cache_dir, offline=True))
@@ -749,14 +800,43 @@ def weights_info(
         console.print(f"[cyan]{key}[/]: {escape(str(text))}", soft_wrap=True)
 
 
-@weights_app.command("publish")
+def _file_info(path: Path, as_json: bool) -> None:
+    """``weights info FILE``: the file's metadata, then its model card."""
+    import json
+    from dataclasses import asdict
+
+    from rich.markup import escape
+
+    from brainbag.weights import file_card
+
+    with _exit_on_errors():
+        card = file_card(path)
+    if as_json:
+        typer.echo(json.dumps(card.to_dict(), indent=2))
+        return
+    console = _console()
+    meta = card.meta
+    console.print(f"[bold]{escape(meta.id)}[/] ({escape(str(card.path))})", soft_wrap=True)
+    if not meta.trained:
+        console.print("[bold red]UNTRAINED weights: their predictions mean nothing[/]")
+    fields = {**{k: v for k, v in asdict(meta).items() if k != "id"},
+              "rf_mm": meta.rf_mm, "sha256": card.sha256, "size": card.size}
+    for key, value in fields.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        console.print(f"[cyan]{key}[/]: {escape(str(text))}", soft_wrap=True)
+    source = card.card_path or "written from the file's metadata"
+    console.print(f"\n[bold]model card[/] ({escape(str(source))}):\n", soft_wrap=True)
+    console.print(card.card, markup=False, highlight=False, soft_wrap=True)
+
+
+@weights_app.command("publish", cls=Command)
 def weights_publish(
     file: Annotated[Path, typer.Argument(help="A brainbag .safetensors weights file.")],
     repo: Annotated[str, typer.Option("--repo", help="HuggingFace repository ORG/NAME.")],
     weights_id: Annotated[str | None, typer.Option(
-        "--id", help="Versioned weights ID [default: the ID in the file's metadata].")] = None,
+        "--id", help="Versioned weights ID \\[default: the ID in the file's metadata].")] = None,
     filename: Annotated[str | None, typer.Option(
-        "--filename", help="File name in the repository [default: ID.safetensors].")] = None,
+        "--filename", help="File name in the repository \\[default: ID.safetensors].")] = None,
     branch: Annotated[str, typer.Option("--branch", help="Branch to commit to.")] = "main",
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
     no_create: Annotated[bool, typer.Option(
@@ -764,7 +844,7 @@ def weights_publish(
     default: Annotated[bool, typer.Option(
         "--default", help="Mark the entry as the default for its RF.")] = False,
     licence: Annotated[str | None, typer.Option(
-        "--licence", help="Licence of the weights [default: training.licence in the file].")
+        "--licence", help="Licence of the weights \\[default: training.licence in the file].")
     ] = None,
     description: Annotated[str, typer.Option("--description", help="One-line description.")] = "",
     metrics: Annotated[Path | None, typer.Option(
@@ -829,7 +909,7 @@ class SplitName(str, Enum):
     test = "test"
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
     data: Annotated[
         Path,
@@ -840,63 +920,75 @@ def train(
     recipe: Annotated[
         str | None,
         typer.Option("--recipe", help="Recipe name in training/recipes (e.g. camcan-paper) or a "
-                     ".toml path [default: the paper's hyperparameters]."),
+                     ".toml path \\[default: the paper's hyperparameters]."),
     ] = None,
     split: Annotated[
         Path | None,
         typer.Option("--split", help="Split folder (train/val/test .csv) or splits.tsv "
-                     "[default: the table's split column, else random by subject]."),
+                     "\\[default: the table's split column, else random by subject]."),
     ] = None,
     rf: Annotated[int | None, typer.Option("--rf", help="Receptive field: 9, 17, 33 or 177 "
-                                           "[default: 9].")] = None,
+                                           + _train_default("rf") + ".")] = None,
     task: Annotated[Task | None, typer.Option("--task", help="age, sex or both (one network, "
-                                              "two heads) [default: both].")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="[default: 500]")] = None,
+                                              "two heads) " + _train_default("task") + ".")
+                    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the training "
+                                               "images " + _train_default("epochs") + ".")
+                      ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Effective batch [default: 16].")] = None,
+        int | None, typer.Option("--batch-size", help="Effective batch "
+                                 + _train_default("batch_size") + ".")] = None,
     micro_batch: Annotated[
         int | None,
         typer.Option("--micro-batch", help="Samples per forward pass (same gradient, less "
-                     "memory) [default: the whole batch]."),
+                     "memory) \\[default: the whole batch]."),
     ] = None,
     crop: Annotated[
         tuple[int, int, int] | None,
-        typer.Option("--crop", help="Random crop size x y z [default: 160 160 128]."),
+        typer.Option("--crop", help="Random crop size x y z " + _train_default("crop") + "."),
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate "
-                                             "[default: 1e-3].")] = None,
+                                             + _train_default("lr") + ".")] = None,
     device: Annotated[
-        Device | None, typer.Option("--device", help="auto = cuda when available.")] = None,
+        Device | None, typer.Option("--device", help="auto = cuda when available "
+                                    + _train_default("device") + ".")] = None,
     precision: Annotated[
         TrainPrecision | None,
-        typer.Option("--precision", help="auto = bf16 autocast on GPU, fp32 on CPU."),
+        typer.Option("--precision", help="auto = bf16 autocast on GPU, fp32 on CPU "
+                     + _train_default("precision") + "."),
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="[default: 42]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the initial weights, "
+                                             "split and crops " + _train_default("seed") + ".")
+                    ] = None,
     width: Annotated[
         int | None,
         typer.Option("--width", help="Stem channels (32 = the paper's half-width ResNet-50); "
-                     "smaller for quick experiments."),
+                     "smaller for quick experiments " + _train_default("width") + "."),
     ] = None,
     val_view: Annotated[
         ValView | None,
         typer.Option("--val-view", help="Validation view: centre crop or full volume "
-                     "[default: centre]."),
+                     + _train_default("val_view") + "."),
     ] = None,
     val_fraction: Annotated[
         float | None, typer.Option("--val-fraction", help="Random split: share of subjects "
-                                   "for validation [default: 0.1].")] = None,
+                                   "for validation " + _train_default("val_fraction") + ".")
+    ] = None,
     test_fraction: Annotated[
         float | None, typer.Option("--test-fraction", help="Random split: share of subjects "
-                                   "held out for test [default: 0.2].")] = None,
+                                   "held out for test " + _train_default("test_fraction")
+                                   + ".")] = None,
     compile_model: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the network.")
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the network "
+                                  + _train_default("compile") + ".")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Threads loading volumes [default: 4].")
+        int | None, typer.Option("--workers", help="Threads loading volumes "
+                                 + _train_default("workers") + ".")
     ] = None,
     data_name: Annotated[
         str | None, typer.Option("--data-name", help="Training data name for the weights "
-                                 "metadata [default: from the data].")] = None,
+                                 "metadata \\[default: from the data].")] = None,
     data_licence: Annotated[
         str | None, typer.Option("--data-licence", help="Licence of the training data, "
                                  "recorded in the weights and model card.")] = None,
@@ -937,7 +1029,7 @@ def train(
                       f"weights in {result.weights}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def crossval(
     data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
     folds: Annotated[
@@ -986,8 +1078,11 @@ def crossval(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     from rich.table import Table
 
+    from brainbag.evaluate import BIAS_SLOPE_NOTE
+
     table = Table(title=f"brainbag crossval ({result.metrics['folds']} folds, "
-                        f"{result.metrics['subjects']} subjects, held-out predictions)")
+                        f"{result.metrics['subjects']} subjects, held-out predictions)",
+                  caption=BIAS_SLOPE_NOTE, caption_justify="left")
     for col in ("group", "n", "age MAE", "baseline MAE", "ratio", "r", "bias slope",
                 "sex acc.", "baseline acc.", "AUC"):
         table.add_column(col, justify="left" if col == "group" else "right")
@@ -1006,7 +1101,7 @@ def crossval(
                   "fold-K/run: each fold's training run)", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
     weights: Annotated[
@@ -1046,15 +1141,20 @@ def evaluate(
                                     device=device.value, precision=precision.value),
         plot=not no_plot, force=force,
     )
+    from brainbag.progress import StepStatus
+
     console = _console()
-    with _exit_on_errors(), console.status("evaluating...", spinner="dots") as status:
+    with _exit_on_errors(), StepStatus(_console(stderr=True), "evaluating...") as status:
         def progress(k: int, n: int, record: Any) -> None:
             status.update(f"evaluating {k + 1}/{n}: {record.participant_id}")
 
         results = run_evaluate(settings, on_image=progress)
     from rich.table import Table
 
-    table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})")
+    from brainbag.evaluate import BIAS_SLOPE_NOTE
+
+    table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})",
+                  caption=BIAS_SLOPE_NOTE, caption_justify="left")
     for col, justify in (("weights", "left"), ("RF", "right"), ("n", "right"),
                          ("age MAE", "right"), ("RMSE", "right"), ("r", "right"),
                          ("bias slope", "right"), ("sex acc.", "right"), ("AUC", "right")):

@@ -147,11 +147,21 @@ def check_mask_pattern(pattern: str | None) -> None:
         )
 
 
-def mask_for(pattern: str, image: Path, subject: str, session: str | None, prefix: str) -> Path:
-    """The mask a ``--mask-pattern`` template names for ``image`` (relative to its folder)."""
-    stem = strip_image_suffix(image.name)
-    name = pattern.format(stem=stem, name=image.name, subject=subject, session=session or "",
-                          prefix=prefix)
+def mask_prefix(item: ScanInput) -> str:
+    """What ``{prefix}`` means in a ``--mask-pattern``: the BIDS file-name prefix
+    (``sub-01_ses-1``), else the file name without its image suffix and a trailing ``_T1w``.
+
+    The one rule both for finding a scan's mask and for leaving masks out of a folder's inputs.
+    """
+    return item.location.prefix or subject_name(item.path)
+
+
+def mask_for(pattern: str, item: ScanInput) -> Path:
+    """The mask a ``--mask-pattern`` template names for ``item`` (relative to its folder)."""
+    image = item.path
+    name = pattern.format(stem=strip_image_suffix(image.name), name=image.name,
+                          subject=item.subject, session=item.session or "",
+                          prefix=mask_prefix(item))
     path = Path(name).expanduser()
     return path if path.is_absolute() else image.parent / path
 
@@ -159,10 +169,7 @@ def mask_for(pattern: str, image: Path, subject: str, session: str | None, prefi
 def _with_mask(item: ScanInput, pattern: str | None) -> ScanInput:
     if pattern is None:
         return item
-    prefix = item.location.prefix or strip_image_suffix(item.path.name)
-    if prefix.endswith("_T1w"):
-        prefix = prefix[: -len("_T1w")]
-    mask = mask_for(pattern, item.path, item.subject, item.session, prefix)
+    mask = mask_for(pattern, item)
     error = None
     if not mask.exists():
         error = (f"no mask for {item.path}: --mask-pattern {pattern!r} gives {mask}, which does "
@@ -282,6 +289,14 @@ def read_list(list_file: Path) -> list[ListEntry]:
     return entries
 
 
+def _list_line(path: Path, list_file: Path) -> str:
+    """A list file's entry as written in the file (undoing :func:`_relative_to`)."""
+    try:
+        return str(path.relative_to(list_file.parent))
+    except ValueError:
+        return str(path)
+
+
 def _relative_to(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
@@ -344,9 +359,7 @@ def discover(
                              "write the results somewhere else")
         found = discover_bids(root, out) if is_bids(root) else discover_folder(root, out)
         if mask_pattern is not None:
-            masks = {mask_for(mask_pattern, i.path, i.subject, i.session,
-                              i.location.prefix or strip_image_suffix(i.path.name)).resolve()
-                     for i in found.items}
+            masks = {mask_for(mask_pattern, i).resolve() for i in found.items}
             found.items = [i for i in found.items if i.path.resolve() not in masks]
         found.items = [_with_mask(i, mask_pattern) for i in found.items]
         _check_collisions(found.items, "rename one of them")
@@ -359,6 +372,13 @@ def discover(
         entries = read_list(list_file)
         if not entries:
             raise UsageError(f"list file {list_file} names no image (one path per line)")
+        if not any(is_image_path(entry.image) for entry in entries):
+            first = entries[0].image
+            raise UsageError(
+                f"{list_file} is not a list of scans: no line is an image path (.nii, .nii.gz, "
+                f".mgz; the first line reads {_list_line(first, list_file)!r}); give image files "
+                "or a folder, or a list file with one image path per line"
+            )
         items: list[ScanInput] = []
         seen: set[Path] = set()
         for entry in entries:

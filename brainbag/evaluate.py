@@ -34,6 +34,10 @@ from brainbag.outputs import write_json_atomic, write_text_atomic
 
 PREDICTION_COLUMNS = ("participant_id", "session", "split", "t1w", "age", "predicted_age",
                       "age_error", "sex", "p_female", "predicted_sex", "map_spread")
+#: Printed under the tables that show the bias slope.
+BIAS_SLOPE_NOTE = ("bias slope: slope of the error (predicted - true age) against the true age; "
+                   "0 = no age bias, -1 = every subject predicted the same age. The scatter's "
+                   "fit of predicted against true age has slope 1 + bias slope.")
 TABLE_COLUMNS = ("weights", "rf", "heads", "n", "age_mae", "age_rmse", "age_r", "age_bias_slope",
                  "sex_accuracy", "sex_auc")
 
@@ -322,6 +326,17 @@ def table_tsv(results: Sequence[WeightsResult]) -> str:
     return buf.getvalue()
 
 
+def fit_line(age: dict[str, Any]) -> tuple[float, float, str] | None:
+    """The least-squares line of predicted against true age, from the age metrics: slope
+    ``1 + bias slope`` (the bias line fits the error ``predicted - true``), its intercept and a
+    legend that names both slopes, so the scatter and the table's "bias slope" agree."""
+    bias, intercept = age.get("bias_slope"), age.get("bias_intercept")
+    if bias is None or intercept is None:
+        return None
+    slope = 1.0 + bias
+    return slope, intercept, f"fit: slope {slope:.2f} (= 1 + bias slope {bias:.2f})"
+
+
 def scatter_png(path: Path, result: WeightsResult) -> None:
     """Predicted against true age with the identity line and the fitted line; written atomically.
     """
@@ -342,13 +357,14 @@ def scatter_png(path: Path, result: WeightsResult) -> None:
             hi = float(max(t.max(), p.max())) + 2
             ax.scatter(t, p, s=14, alpha=0.7, color="tab:blue", edgecolors="none")
             ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", label="identity")
-            if t.size >= 2 and t.std() > 0:
-                slope, intercept = np.polyfit(t, p, 1)
+            age = result.metrics.get("age") or {}
+            fit = fit_line(age)
+            if fit is not None:
+                slope, intercept, label = fit
                 ax.plot([lo, hi], [slope * lo + intercept, slope * hi + intercept],
-                        color="tab:red", lw=1, label=f"fit (slope {slope:.2f})")
+                        color="tab:red", lw=1, label=label)
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
-            age = result.metrics.get("age") or {}
             ax.set_title(f"{result.label}: MAE {_fmt(age.get('mae'), 2)} y, "
                          f"r {_fmt(age.get('r'), 2)}, n {age.get('n')}", fontsize=9)
             ax.legend(loc="upper left", fontsize=8)

@@ -189,17 +189,41 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
+def idle_cpus() -> int:
+    """CPUs of this machine that other work leaves idle: all of them minus the 1-minute load
+    average (rounded), at least 1; all of them where the load cannot be read.
+
+    Measured on the shared 2-CPU VM (bench/busy_threads.py, bench/README.md): with the CPUs
+    taken by other work, two threads made a predict 1.6-1.9x slower than one (3.4x in issue 16),
+    as every parallel operation waits for the thread that is not scheduled; on a nearly idle
+    machine one thread cost nothing with the bundled weights.
+    """
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cpus
+    return max(1, cpus - int(load + 0.5))
+
+
+def auto_threads(default: int) -> int:
+    """``--threads 0``: torch's ``default`` (one per physical core), at most the CPUs this
+    process may use (:func:`available_cpus`) and the CPUs other work leaves idle
+    (:func:`idle_cpus`)."""
+    return max(1, min(default, available_cpus(), idle_cpus()))
+
+
 def resolve_threads(threads: int) -> int:
     """Set torch's CPU thread count and return it.
 
-    ``threads > 0`` is used as given. ``0`` (auto) keeps torch's default (one thread per physical
-    core, or ``OMP_NUM_THREADS`` when set) but never more than :func:`available_cpus`: more
-    threads than CPUs makes every parallel operation wait for a descheduled thread.
+    ``threads > 0`` is used as given, and so is ``OMP_NUM_THREADS`` when set. ``0`` (auto) is
+    :func:`auto_threads`: more threads than free CPUs makes every parallel operation wait for a
+    descheduled thread.
     """
     if threads > 0:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
+        torch.set_num_threads(auto_threads(torch.get_num_threads()))
     return torch.get_num_threads()
 
 

@@ -136,6 +136,13 @@ def tsv_row(record: dict[str, Any]) -> dict[str, str]:
     return row
 
 
+def warning_list(value: Any) -> list[str]:
+    """A record's ``warnings``: the list itself, or a table cell's ``" | "``-joined text."""
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [w for w in str(value or "").split(" | ") if w]
+
+
 def write_tsv_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=TSV_COLUMNS, delimiter="\t", lineterminator="\n")

@@ -557,7 +557,8 @@ class Predictor:
         untrained = not record["weights"]["trained"]
         warning = "UNTRAINED weights (random initialisation): these numbers mean nothing" \
             if untrained else None
-        save_overlay_png(path, views, title, subtitle, value_range, warning, label)
+        notes = [w for w in record["warnings"] if "UNTRAINED" not in w]
+        save_overlay_png(path, views, title, subtitle, value_range, warning, label, notes)
 
 
 def _resample_fix(loaded: LoadedImage, conformed: Conformed) -> dict[str, Any]:
@@ -695,16 +696,22 @@ def _resumed(
     for item in items:
         key = str(item.path.resolve())
         row = table.get(key)
-        sha = _input_sha256(item.path) if row is not None and item.path.is_file() else None
+        written = (predictor.settings.out / item.location.relative("prediction")).is_file()
+        sha = _input_sha256(item.path) if written and item.path.is_file() else None
         mask_sha = _input_sha256(item.mask) if item.mask is not None else None
-        if sha is not None and (item.mask is None or mask_sha is not None) and done_before(
-            predictor.settings.out, item, row, sha, weights.sha256, predictor.fingerprint,
-            mask_sha, need,
-        ):
-            assert row is not None
-            done[key] = {**row, "resumed": True}
-        else:
+        saved = None
+        if sha is not None and (item.mask is None or mask_sha is not None):
+            saved = done_before(predictor.settings.out, item, row, sha, weights.sha256,
+                                predictor.fingerprint, mask_sha, need)
+        if saved is None:
             todo.append(item)
+            continue
+        if row is None or row.get("status") != "ok":  # finished, but its row was not saved
+            row = tsv_record({**saved, "status": "ok", "path": key,
+                              "seconds": (saved.get("timings_s") or {}).get("total"),
+                              "output": item.location.relative("prediction").as_posix()})
+            table.put(row)
+        done[key] = {**row, "resumed": True}
     return todo, done
 
 
@@ -782,19 +789,27 @@ class BatchRun:
         self.table = ResultsTable(settings.out)
         todo, done = (_resumed(self.predictor, self.discovery.items, self.table)
                       if settings.resume else (list(self.discovery.items), {}))
+        if done:  # rows rebuilt for inputs finished without a saved row are kept at once
+            self.table.save()
         if self.observer is not None:
             self.observer.start(RunPlan(self.discovery, todo, list(done.values()), settings.out,
                                         bool(settings.png)))
         # one writer thread writes outputs while the next input runs through the network
         writer = ThreadPoolExecutor(1, thread_name_prefix="brainbag-write") \
             if settings.jobs else None
+        current: ScanInput | None = None
         try:
             for item, handle in read_ahead(self.predictor.prepare, todo, settings.jobs):
+                current = item
                 self._run_one(item, handle.result(), writer)
+                current = None
                 self._settle(block_until=1)
             self._settle(block_until=0)
         except KeyboardInterrupt:
-            self._mark_skipped(todo)
+            try:  # inputs whose outputs are written (or being written) get their own rows
+                self._settle(block_until=0)
+            finally:  # even if a second Ctrl-C stops that
+                self._mark_skipped(todo, current)
             raise
         finally:
             if writer is not None:
@@ -862,14 +877,20 @@ class BatchRun:
         if self.observer is not None:
             self.observer.result(record)
 
-    def _mark_skipped(self, todo: list[ScanInput]) -> None:
-        """Give inputs not reached (and without an earlier row) a ``skipped`` row."""
+    def _mark_skipped(self, todo: list[ScanInput], current: ScanInput | None) -> None:
+        """Give inputs without a result (and without an earlier row other than ``skipped``) a
+        ``skipped`` row saying whether the run stopped while processing them (``current``) or
+        before reaching them."""
         for item in todo:
             key = str(item.path.resolve())
-            if key not in self.records and self.table.get(key) is None:
+            earlier = self.table.get(key)
+            if key not in self.records and (earlier is None or earlier["status"] == "skipped"):
+                error = ("run interrupted while this input was being processed (nothing of it "
+                         "was written)" if item == current else
+                         "run interrupted before this input")
                 self.table.put(tsv_record(_failed_record(
-                    item, "skipped", "run interrupted before this input; rerun with --resume",
-                    None, self.settings, self.predictor.weights.loaded)))
+                    item, "skipped", f"{error}; rerun with --resume", None, self.settings,
+                    self.predictor.weights.loaded)))
                 self.wrote = True
         if self.wrote:
             self.table.save()

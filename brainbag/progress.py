@@ -186,3 +186,29 @@ def print_summary(console: Any, summary: RunSummary, out: str, png: bool) -> Non
     extra = ", index.html" if png else ""
     console.print(escape(f"results in {out}/ (predictions.tsv{extra})"), soft_wrap=True,
                   highlight=False)
+
+
+class StepStatus:
+    """One line of progress for a long loop: a spinner on a terminal, one plain line per step
+    otherwise (a log or a pipe would see nothing until the end)."""
+
+    def __init__(self, console: Any, text: str) -> None:
+        self.console = console
+        self.plain = not console.is_terminal
+        self.status: Any = None if self.plain else console.status(text, spinner="dots")
+
+    def __enter__(self) -> StepStatus:
+        if self.status is not None:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+    def update(self, text: str) -> None:
+        """Show ``text`` as the current step."""
+        if self.status is not None:
+            self.status.update(text)
+        else:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)

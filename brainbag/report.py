@@ -15,6 +15,7 @@ the Agg canvas (no pyplot, no display, safe in worker threads).
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from brainbag.io import (
     resample_masked,
     voxel_sizes,
 )
-from brainbag.outputs import write_text_atomic
+from brainbag.outputs import warning_list, write_text_atomic
 
 FIGSIZE_IN = (12.0, 4.6)
 DPI = 100
+MAX_PNG_NOTES = 4  # warnings drawn on a PNG; the rest are counted
 #: Pixel size (width, height) of every PNG brainbag writes.
 PNG_SIZE = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))
 VIEWS = (
@@ -137,8 +139,13 @@ def save_overlay_png(
     value_range: tuple[float, float],
     warning: str | None = None,
     label: str = "local predicted age (years)",
+    notes: Sequence[str] = (),
 ) -> None:
-    """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``."""
+    """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``.
+
+    ``warning`` is drawn in red under the title (untrained weights); ``notes`` (the input's check
+    and other warnings, shortened by :func:`short_warning`) in yellow at the bottom left.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -179,6 +186,13 @@ def save_overlay_png(
     if warning:
         fig.text(0.5, 0.85, warning, ha="center", va="center", color="#ff4d4d", fontsize=10,
                  fontweight="bold")
+    shown_notes = [short_warning(n) for n in notes[:MAX_PNG_NOTES]]
+    if len(notes) > MAX_PNG_NOTES:
+        shown_notes.append(f"and {len(notes) - MAX_PNG_NOTES} more warnings: see prediction.json")
+    for i, note in enumerate(reversed(shown_notes)):
+        fig.text(0.012, 0.03 + i * 0.045, f"warning: {note}", ha="left", va="bottom",
+                 color="#ffcc66", fontsize=8.5,
+                 bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
     path = Path(path)
     with open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=DPI, facecolor="black")
@@ -218,6 +232,13 @@ def reading_text(row: dict[str, Any]) -> tuple[str, str]:
 
 def _present(value: Any) -> bool:
     return value is not None and value != ""
+
+
+def short_warning(text: str, limit: int = 120) -> str:
+    """A warning cut to fit one line of a PNG: a check's "name: found" (without its expected
+    value and fix), else the text, at most ``limit`` characters."""
+    text = text.split("; expected ", 1)[0]
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def png_title(record: dict[str, Any]) -> tuple[str, str]:
@@ -277,8 +298,13 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
         ids = " ".join(x for x in (row.get("subject"), row.get("session")) if x)
         numbers, gap = reading_text(row)
         numbers = " · ".join(x for x in (numbers, gap) if x)
+        warnings = warning_list(row.get("warnings"))
         warn = ("<br><span class='failed'>UNTRAINED weights: the numbers mean nothing</span>"
-                if "UNTRAINED" in str(row.get("warnings")) else "")
+                if any("UNTRAINED" in w for w in warnings) else "")
+        checks = [w for w in warnings if "UNTRAINED" not in w]
+        if checks:
+            warn += "<ul class='warn'>" + "".join(
+                f"<li>warning: {e(w)}</li>" for w in checks) + "</ul>"
         picture = "<p>(no picture)</p>"
         if row.get("output"):
             png = OutputLocation.from_prediction(str(row["output"])).relative("png")

@@ -758,6 +758,9 @@ class Trainer:
         if ckpt is not None:
             self._merge_resumed_config(ckpt)
             self._resolve_speed_options()
+            finished = self._finished(ckpt)
+            if finished is not None:
+                return finished
         source = self._data(ckpt)
         if ckpt is not None and ckpt.get("split_source"):
             source.split_source = str(ckpt["split_source"])
@@ -791,6 +794,7 @@ class Trainer:
         scheduler = make_scheduler(optimizer, c)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
+        steps = math.ceil(len(train.records) / c.batch_size)
         start_epoch, start_step = 0, 0
         partial = [0.0, 0.0]
         resumed_state: dict[str, Any] | None = None
@@ -807,11 +811,9 @@ class Trainer:
                 with contextlib.suppress(RuntimeError):
                     torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
             resumed_state = ckpt
-            where = f"epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
-            self.reporter.message(f"resumed from {where} ({self._checkpoint_path()})")
+            self.reporter.message(f"{resume_message(start_epoch, start_step, steps)} "
+                                  f"({self._checkpoint_path()})")
         del ckpt
-        if start_epoch >= c.epochs:
-            self.reporter.message(f"nothing to do: {start_epoch} of {c.epochs} epochs done")
 
         net: nn.Module = PooledNet(model)
         no_sync = None
@@ -824,7 +826,6 @@ class Trainer:
         if c.compile:
             net = torch.compile(net)  # type: ignore[assignment]
 
-        steps = math.ceil(len(train.records) / c.batch_size)
         self.reporter.start(start_epoch, c.epochs, steps, start_epoch * steps + start_step)
         model.train()
         with self.stop:
@@ -842,6 +843,22 @@ class Trainer:
             weights=self.out / "weights.safetensors",
             resumed_from=start_epoch if self.resume else None, history=history,
             main=self.dist.main)
+
+    def _finished(self, ckpt: dict[str, Any]) -> TrainResult | None:
+        """The result of a resumed run that has nothing left to do (every epoch done and its
+        weights written), said before any volume is loaded; None when there is work left."""
+        c = self.config
+        weights = self.out / "weights.safetensors"
+        done = int(ckpt["epoch"])
+        if done < c.epochs or int(ckpt["step"]) or not weights.exists():
+            return None
+        history, best = list(ckpt["history"]), ckpt["best"]
+        self.reporter.message(f"nothing to do: {done} of {c.epochs} epochs done "
+                              f"({self._checkpoint_path()}); pass a larger --epochs to train on")
+        return TrainResult(
+            out=self.out, epochs=len(history), best_epoch=(best or {}).get("epoch"),
+            best={k: (best or {}).get(k) for k in ("val_loss", "val_mae", "val_accuracy")},
+            weights=weights, resumed_from=done, history=history, main=self.dist.main)
 
     def _agree_stop(self) -> bool:
         """True when any rank was asked to stop (every rank must call this)."""
@@ -996,6 +1013,16 @@ def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
+def resume_message(epoch: int, step: int, steps: int) -> str:
+    """Where a resumed run continues, in the words of the interruption it continues from
+    ("interrupted at epoch 9, step 2/3" or "interrupted after epoch 8"): ``epoch`` epochs and
+    ``step`` steps of the next one are done."""
+    if step:
+        return (f"resumed from epoch {epoch + 1}, step {step}/{steps}: continuing with step "
+                f"{step + 1}/{steps}")
+    return f"resumed after epoch {epoch}: continuing with epoch {epoch + 1}"
+
+
 def model_card(meta: WeightsMeta) -> str:
     """A model-card stub with the measured validation figures."""
     t = meta.training
@@ -1005,6 +1032,8 @@ def model_card(meta: WeightsMeta) -> str:
         v = val.get(key)
         return "not measured" if v is None else f"{v:{fmt}}{unit}"
 
+    validation = (f"best epoch {t.get('best_epoch')}, selected by {t.get('selected_by')}, "
+                  f"{t.get('val_view')} view")
     return f"""# Model card: {meta.id}
 
 *Written by brainbag {meta.code_version}. A stub: complete the sections marked TODO.*
@@ -1022,8 +1051,7 @@ def model_card(meta: WeightsMeta) -> str:
 - Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
   seed {t.get('seed')}; precision {t.get('precision')}
 
-## Validation (best epoch {t.get('best_epoch')}, selected by {t.get('selected_by')},
-{t.get('val_view')} view)
+## Validation ({validation})
 - Age MAE: {fig('val_mae', '.2f', ' years')}
 - Sex accuracy: {fig('val_accuracy', '.3f')}
 - Loss: {fig('val_loss', '.4f')}

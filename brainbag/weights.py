@@ -34,9 +34,11 @@ from brainbag.hub import HubSettings, resolve_entry
 from brainbag.io import sha256_file
 from brainbag.manifest import ENV_MANIFEST, WeightsEntry, load_catalog
 from brainbag.model import BagNet3D, build_model
+from brainbag.outputs import atomic_path
 
 FORMAT = "brainbag-weights/1"
 SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 #: What brainbag's own preprocessing produces (see brainbag.preprocess).
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -140,13 +142,10 @@ def save_weights(
         .cpu()
         for k, v in model.state_dict().items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    # atomic_path: fsynced, renamed into place, with the mode of the other outputs (safetensors
+    # itself creates files 0600)
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "brainbag": meta.to_json()})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return sha256_file(path)
 
 
@@ -215,10 +214,78 @@ def _check_path(path: Path) -> None:
     if not path.exists():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix != SUFFIX:
-        raise WeightsError(
-            f"weights {path} is not a {SUFFIX} file; brainbag never loads pickled weights "
-            "(.pt, .pth, .ckpt): convert them with brainbag.weights.save_weights"
-        )
+        raise WeightsError(f"weights {path} is {_what_file(path)}, not a {SUFFIX} weights "
+                           f"file; {_what_is_wanted(path)}")
+
+
+def _what_file(path: Path) -> str:
+    """What a file given as weights seems to be, from its name."""
+    from brainbag.io import is_image_path
+
+    name = path.name.lower()
+    if name.endswith(".ckpt"):
+        return "a training checkpoint (a pickle, for `brainbag train --resume`)"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return "a pickled PyTorch file"
+    if is_image_path(path):
+        return "an image"
+    if path.is_dir():
+        return "a folder"
+    return f"a {path.suffix or 'suffix-less'} file"
+
+
+def _what_is_wanted(path: Path) -> str:
+    """The fix for a file that is not weights: the run's own weights file when there is one."""
+    run_weights = path.parent / f"weights{SUFFIX}"
+    if run_weights.is_file():
+        return f"its run folder holds the predict-ready weights: --weights {run_weights}"
+    wanted = (f"pass the {SUFFIX} file `brainbag train` writes into its run folder "
+              f"(weights{SUFFIX}) or a weights id from `brainbag weights list`")
+    if path.suffix.lower() == ".ckpt":
+        wanted += (f"; this run folder has none yet: `brainbag train DATA --out {path.parent} "
+                   "--resume` continues the run and writes it")
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        wanted += ("; brainbag never loads pickled weights (convert a trained model with "
+                   "brainbag.weights.save_weights)")
+    return wanted
+
+
+@dataclass(frozen=True)
+class FileCard:
+    """What ``brainbag weights info FILE`` shows: a weights file's metadata and model card."""
+
+    path: Path
+    sha256: str
+    size: int
+    meta: WeightsMeta
+    card: str
+    card_path: Path | None  # the model card file beside the weights; None: made from the meta
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "size": self.size,
+                "meta": asdict(self.meta), "model_card_path": str(self.card_path)
+                if self.card_path else None, "model_card": self.card}
+
+
+def is_weights_path(spec: str) -> bool:
+    """True when ``--weights`` (or ``weights info``) names a file rather than a manifest id."""
+    return _looks_like_path(spec)
+
+
+def file_card(path: Path) -> FileCard:
+    """The metadata of a weights file (no tensors loaded) and its model card: ``MODEL_CARD.md``
+    beside a run's ``weights.safetensors``, ``<stem>.md`` beside any other file, else the card
+    written from the file's own metadata."""
+    from brainbag.train import model_card
+
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    for candidate in (path.with_suffix(".md"), path.parent / "MODEL_CARD.md"):
+        if candidate.is_file() and (candidate.name != "MODEL_CARD.md"
+                                    or path.name == f"weights{SUFFIX}"):
+            return FileCard(path, sha256_file(path), path.stat().st_size, meta,
+                            candidate.read_text(encoding="utf-8"), candidate)
+    return FileCard(path, sha256_file(path), path.stat().st_size, meta, model_card(meta), None)
 
 
 def random_weights_meta(model: nn.Module, weights_id: str) -> WeightsMeta:
@@ -254,7 +321,7 @@ def _looks_like_path(spec: str) -> bool:
     return (
         "/" in spec
         or os.sep in spec
-        or Path(spec).suffix.lower() in (SUFFIX, ".pt", ".pth", ".ckpt", ".bin", ".pkl")
+        or Path(spec).suffix.lower() in (SUFFIX, *PICKLE_SUFFIXES)
         or Path(spec).expanduser().exists()
     )
 

@@ -18,13 +18,18 @@ SHARED_DATA = Path(os.environ.get("BRAINBAG_SHARED_DATA", REPO.parent / "shared"
 SAMPLES = SHARED_DATA / "samples"
 
 
-def sample(name: str) -> Path:
-    """Path of a real scan in ../shared/data/samples, or skip the test saying why."""
-    path = SAMPLES / name
+def shared(relative: str) -> Path:
+    """Path of a file or folder in ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / relative
     if not path.exists():
-        pytest.skip(f"real scan {path} not available (set BRAINBAG_SHARED_DATA to the shared "
+        pytest.skip(f"real data {path} not available (set BRAINBAG_SHARED_DATA to the shared "
                     "data folder to run this test)")
     return path
+
+
+def sample(name: str) -> Path:
+    """Path of a real scan in ../shared/data/samples, or skip the test saying why."""
+    return shared(f"samples/{name}")
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:

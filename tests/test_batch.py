@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, make_affine, sample, save
+from conftest import REPO, make_affine, sample, save, shared
 from typer.testing import CliRunner
 
 from brainbag.batch import ResultsTable, read_ahead, settings_fingerprint
@@ -366,11 +366,77 @@ def test_interrupt_leaves_skipped_rows_and_resume_finishes(tmp_path: Path, tiny_
     with pytest.raises(KeyboardInterrupt):
         run_predict([data], settings, observer=StopAfterOne())
     rows = read_tsv(out / "predictions.tsv")
-    assert [r["status"] for r in rows] == ["ok", "skipped", "skipped", "skipped"]
-    assert "rerun with --resume" in rows[1]["error"]
+    statuses = [r["status"] for r in rows]
+    # the scan being written when the observer stopped the run may have finished (ok)
+    assert statuses[0] == "ok" and statuses[2:] == ["skipped", "skipped"], statuses
+    assert all("rerun with --resume" in r["error"] for r in rows if r["status"] == "skipped")
+    records = run_predict([data], dataclasses.replace(settings, resume=True))
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert [bool(r.get("resumed")) for r in records] == [s == "ok" for s in statuses]
+
+
+def test_interrupt_while_the_next_scan_runs_keeps_the_written_scan_and_labels_each_row(
+        tmp_path: Path, tiny_weights, monkeypatch) -> None:
+    """Issue 16: a scan whose outputs were written by the writer thread while the next scan ran
+    got `skipped: run interrupted before this input` and was redone by --resume; the scan
+    interrupted mid-way said "before this input" too."""
+    import brainbag.predict as bp
+
+    data = tmp_path / "scans"
+    for i in range(4):
+        brain(data / f"s{i}.nii.gz", seed=i)
+    out = tmp_path / "results"
+    settings = PredictSettings(out=out, weights=str(tiny_weights()), force=True, jobs=1,
+                               inference=InferenceSettings(mode="full"), png=False)
+    real_infer = bp.Predictor.infer
+    calls = []
+
+    def infer(self, prepared):
+        calls.append(prepared.item.path.name)
+        if len(calls) == 2:  # s0 is with the writer thread: wait until it is written, then stop
+            deadline = time.monotonic() + 60
+            while not (out / "s0" / "prediction.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        return real_infer(self, prepared)
+
+    monkeypatch.setattr(bp.Predictor, "infer", infer)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict([data], settings)
+    rows = by_name(read_tsv(out / "predictions.tsv"))
+    assert rows["s0.nii.gz"]["status"] == "ok"
+    assert rows["s1.nii.gz"]["status"] == "skipped"
+    assert "while this input was being processed" in rows["s1.nii.gz"]["error"]
+    for name in ("s2.nii.gz", "s3.nii.gz"):
+        assert rows[name]["status"] == "skipped"
+        assert "before this input" in rows[name]["error"]
+    monkeypatch.setattr(bp.Predictor, "infer", real_infer)
     records = run_predict([data], dataclasses.replace(settings, resume=True))
     assert [r["status"] for r in records] == ["ok"] * 4
     assert [bool(r.get("resumed")) for r in records] == [True, False, False, False]
+
+
+def test_resume_keeps_a_finished_scan_whose_row_was_never_saved(tmp_path: Path,
+                                                                 tiny_weights) -> None:
+    """A kill between publishing a scan's outputs and saving its row leaves a `skipped` row (or
+    none): --resume reads the scan's prediction.json and does not redo it."""
+    data = tmp_path / "scans"
+    for i in range(3):
+        brain(data / f"s{i}.nii.gz", seed=i)
+    out = tmp_path / "results"
+    settings = PredictSettings(out=out, weights=str(tiny_weights()), force=True,
+                               inference=InferenceSettings(mode="full"), png=False)
+    first = run_predict([data], settings)
+    table = ResultsTable(out)
+    rows = list(table.rows.values())
+    rows[0].update(status="skipped", age="", error="run interrupted before this input")
+    table.rows.pop(rows[1]["path"])
+    table.save()
+    records = run_predict([data], dataclasses.replace(settings, resume=True))
+    assert [bool(r.get("resumed")) for r in records] == [True, True, True]
+    saved = by_name(read_tsv(out / "predictions.tsv"))
+    assert [saved[f"s{i}.nii.gz"]["status"] for i in range(3)] == ["ok"] * 3
+    assert float(saved["s0.nii.gz"]["age"]) == pytest.approx(first[0]["age"], abs=1e-3)
 
 
 # --- inputs: list files, masks, the read-ahead pipeline ---------------------------------------
@@ -421,6 +487,47 @@ def test_mask_pattern_pairs_masks_and_never_predicts_them(tmp_path: Path, tiny_w
     bad = predict(data, "--weights", "w.safetensors", "--out", tmp_path / "o",
                   "--mask-pattern", "{subj}_mask.nii.gz")
     assert bad.exit_code == 2 and "unknown: subj" in bad.stderr
+
+
+@pytest.mark.parametrize("scan_name", ["s0_T1w.nii.gz", "s0.nii.gz"])
+def test_prefix_mask_pattern_finds_masks_and_leaves_them_out_of_the_inputs(
+        tmp_path: Path, scan_name: str) -> None:
+    """`{prefix}` means one thing when finding a scan's mask and when leaving masks out of the
+    inputs (issue 16: the mask was predicted as an input, looking for `s0_mask_mask`)."""
+    data = tmp_path / "pair"
+    brain(data / scan_name)
+    brain(data / "s0_mask.nii.gz")
+    found = discover([data], tmp_path / "out", mask_pattern="{prefix}_mask.nii.gz")
+    assert [i.path.name for i in found.items] == [scan_name]
+    assert found.items[0].mask == data / "s0_mask.nii.gz"
+    assert found.items[0].mask_error is None
+
+
+def test_prefix_mask_pattern_on_the_shared_ixi_2mm_folder(tmp_path: Path) -> None:
+    """The shared ixi/2mm folder (50 `*_T1w` scans, 50 `*_mask`): 50 inputs, each with its mask."""
+    folder = shared("ixi/2mm")
+    for pattern in ("{prefix}_mask.nii.gz", "{subject}_mask.nii.gz"):
+        found = discover([folder], tmp_path / "out", mask_pattern=pattern)
+        assert len(found.items) == 50, pattern
+        assert all(i.path.name.endswith("_T1w.nii.gz") for i in found.items)
+        assert all(i.mask_error is None for i in found.items)
+        assert {i.mask.name for i in found.items if i.mask} == {
+            i.path.name.replace("_T1w", "_mask") for i in found.items}
+
+
+def test_a_text_file_that_is_not_a_list_of_scans_is_refused_before_any_output(
+        tmp_path: Path) -> None:
+    """Issue 16: notes.txt was read as a list, gave a failed row per line and a results
+    folder. No line is an image path: a usage error, nothing written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("This is my notes file about patient scans.\nSecond line.\n")
+    out = tmp_path / "results"
+    result = predict(notes, "--weights", "w.safetensors", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "not a list of scans" in result.stderr
+    assert "This is my notes file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_usage_errors_of_batch_inputs(tmp_path: Path) -> None:

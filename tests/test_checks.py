@@ -286,6 +286,23 @@ def test_anatomy_on_real_scans(name: str, status: str) -> None:
     assert _run(sample(name), names=("anatomy",)).get("anatomy").status == status
 
 
+def test_field_of_view_equal_to_the_crop_is_not_larger(tmp_path: Path, monkeypatch) -> None:
+    """Issue 16: a brain shown as 127x160x128 mm was "larger than the crop along y, z" (its
+    unrounded extent was 160.4 x 128.3 mm). Compared as shown, it fits the 160x160x128 crop."""
+    import brainbag.checks as checks
+
+    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (127.2, 160.4, 128.3))
+    monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
+    path = _scan(tmp_path, "in.nii.gz")
+    for mode in ("sliding", "full"):
+        result = _run(path, mode=mode, names=("field_of_view",)).get("field_of_view")
+        assert result.status == "pass", (mode, result.found)
+        assert result.found == "brain 127x160x128 mm, within one crop"
+    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (127.2, 161.0, 128.3))
+    result = _run(path, mode="full", names=("field_of_view",)).get("field_of_view")
+    assert result.status == "warn" and "larger than the crop along y" in result.found
+
+
 def test_field_of_view(tmp_path: Path) -> None:
     inside = _run(_scan(tmp_path, "in.nii.gz"), names=("field_of_view",))
     assert _status(inside)["field_of_view"] == "pass"

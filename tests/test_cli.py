@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,36 @@ def test_version_and_help() -> None:
                    "--out", "--mask-pattern", "--resume", "--overwrite", "--jobs", "--png",
                    "--threads"):
         assert option in result.stdout
+
+
+def _help(*command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [(), ("predict",), ("check",), ("train",), ("crossval",),
+                                     ("evaluate",), ("weights", "info"), ("weights", "list"),
+                                     ("weights", "fetch"), ("weights", "publish")])
+def test_help_shows_defaults_and_no_value_type_for_flags(command: tuple[str, ...]) -> None:
+    """Issue 16: rich markup ate every "[default: ...]" written in a help text (leaving " ."),
+    and on/off flags showed a `<bool>` value they do not take."""
+    text = _help(*command)
+    assert "<bool>" not in text
+    assert not re.search(r"\w \.(\s|$)", text), re.findall(r".{30}\w \.", text)
+
+
+def test_train_help_shows_the_configuration_defaults() -> None:
+    from brainbag.config import TrainConfig
+
+    text = _help("train")
+    c = TrainConfig()
+    for option, value in (("--epochs", c.epochs), ("--rf", c.rf), ("--lr", c.lr),
+                          ("--seed", c.seed), ("--workers", c.workers),
+                          ("--crop", " ".join(map(str, c.crop)))):
+        line = next(line for line in text.splitlines() if f" {option} " in line)
+        assert f"[default: {value}]" in line, (option, line)
+    assert "[default: 9, or the RF of --weights]" in _help("predict")
 
 
 def test_missing_file_exit_1_one_line(tmp_path: Path) -> None:
@@ -101,6 +132,30 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", str(img), "--weights", str(pt), FORCE])
     assert result.exit_code == 1
     _one_line_error(result, str(pt), "never loads pickled weights")
+
+
+def test_weights_that_are_a_checkpoint_an_image_or_text_say_what_they_are(
+        tmp_path: Path) -> None:
+    """Issue 16: a run's last.ckpt, a NIfTI and a text file all got 'convert them with
+    brainbag.weights.save_weights'. Say what the file is; name the run's weights file."""
+    img = _brain(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "last.ckpt"
+    ckpt.write_bytes(b"\x80\x04K\x01.")
+    result = runner.invoke(app, ["predict", str(img), "--weights", str(ckpt), FORCE])
+    assert result.exit_code == 1
+    _one_line_error(result, "training checkpoint", "weights.safetensors",
+                    f"--out {run} --resume")
+    (run / "weights.safetensors").write_bytes(b"x")
+    result = runner.invoke(app, ["predict", str(img), "--weights", str(ckpt), FORCE])
+    _one_line_error(result, "training checkpoint", f"--weights {run / 'weights.safetensors'}")
+    for path, what in ((img, "is an image"), (tmp_path / "notes.txt", "is a .txt file")):
+        path.touch()
+        result = runner.invoke(app, ["predict", str(img), "--weights", str(path), FORCE])
+        assert result.exit_code == 1
+        _one_line_error(result, what, "weights list")
+        assert "save_weights" not in result.stderr
 
 
 def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -> None:

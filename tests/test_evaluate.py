@@ -11,6 +11,7 @@ from brainbag.evaluate import (
     EvaluateSettings,
     WeightsResult,
     age_metrics,
+    fit_line,
     roc_auc,
     scatter_png,
     select_records,
@@ -87,3 +88,40 @@ def test_a_split_needs_a_split_file(tmp_path: Path) -> None:
         select_records(settings)
     with pytest.raises(UsageError):
         EvaluateSettings(data=table, weights=(), split="test").validate()
+
+
+def test_the_scatter_fit_and_the_bias_slope_say_the_same_thing() -> None:
+    """Issue 16: the scatter said "slope 0.01" and the table "bias slope -0.990" without saying
+    that one fits the prediction and the other the error. The line is drawn from the metrics and
+    its legend names both."""
+    true = [20.0, 40.0, 60.0, 80.0]
+    pred = [50.0, 50.5, 50.0, 51.0]
+    age = age_metrics(true, pred)
+    slope, intercept, label = fit_line(age)
+    direct_slope, direct_intercept = np.polyfit(true, pred, 1)
+    assert slope == pytest.approx(direct_slope) and intercept == pytest.approx(direct_intercept)
+    assert slope == pytest.approx(1 + age["bias_slope"])
+    assert label == f"fit: slope {slope:.2f} (= 1 + bias slope {age['bias_slope']:.2f})"
+    assert fit_line(age_metrics([], [])) is None
+
+
+def test_evaluate_reports_progress_when_not_on_a_terminal(tmp_path, monkeypatch) -> None:
+    """Issue 16: `evaluate` printed nothing until it ended when its output was not a terminal."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import brainbag.evaluate as ev
+    from brainbag.cli import app
+
+    def fake(settings, on_image=None):
+        for k in range(2):
+            on_image(k, 2, SimpleNamespace(participant_id=f"sub-0{k + 1}"))
+        return []
+
+    monkeypatch.setattr(ev, "run_evaluate", fake)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--weights", "w.safetensors",
+                                      "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    assert "evaluating 1/2: sub-01" in result.stderr and "evaluating 2/2: sub-02" in result.stderr
+    assert "bias slope: slope of the error" in result.stdout

@@ -9,6 +9,7 @@ anatomical directions written at their edges.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -168,3 +169,56 @@ def test_a_sex_only_model_gets_a_picture_of_its_sex_map(tmp_path: Path, tiny_wei
     record = Predictor(settings).predict(path)
     assert record["age"] is None and record["outputs"]["png"] == "age_map.png"
     assert (tmp_path / "out" / record["subject"] / "age_map.png").stat().st_size > 1000
+
+
+def test_check_warnings_reach_the_png_and_index_html(tmp_path: Path, tiny_weights,
+                                                     monkeypatch) -> None:
+    """Issue 16: check warnings reached the console, TSV and JSON, but not the PNG or
+    index.html, where a reviewer looks."""
+    import brainbag.report as report
+    from brainbag.predict import run_predict
+
+    path, _ = _scan(tmp_path, "oblique-anisotropic")  # a ball: --force turns failures to warnings
+    drawn: dict[str, list[str]] = {}
+    real = report.save_overlay_png
+
+    def spy(path, *args, **kwargs):
+        drawn[Path(path).name] = list(args[6] if len(args) > 6 else kwargs.get("notes", ()))
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "save_overlay_png", spy)
+    out = tmp_path / "out"
+    settings = PredictSettings(out=out, weights=str(tiny_weights()), png=True, force=True,
+                               inference=InferenceSettings(mode="full"))
+    record = run_predict([path, path.with_name("gone.nii.gz")], settings)[0]
+    checks = [w for w in record["warnings"] if "UNTRAINED" not in w]
+    assert checks and any(w.startswith("--force: predicting although check") for w in checks)
+    assert drawn[next(iter(drawn))] == checks
+    page = (out / "index.html").read_text()
+    for warning in checks:
+        assert f"<li>warning: {html.escape(warning)}</li>" in page
+
+
+def test_warnings_on_the_png_are_drawn_and_shortened(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from brainbag.report import SliceView, save_overlay_png, short_warning
+
+    assert short_warning("bias_field: 30 % across the brain; expected < 20 %; use --n4") == \
+        "bias_field: 30 % across the brain"
+    assert len(short_warning("x" * 300)) == 120
+    image = np.zeros((40, 40), np.float32)
+    image[10:30, 10:30] = 1.0
+    overlay = np.full((40, 40), np.nan, np.float32)
+    overlay[15:25, 15:25] = 50.0
+    views = [SliceView(n, image, overlay, (0, 40, 0, 40), ("R", "L", "P", "A"), np.eye(4))
+             for n in ("axial", "coronal", "sagittal")]
+    plain, noted = tmp_path / "plain.png", tmp_path / "noted.png"
+    save_overlay_png(plain, views, "t", "s", (20.0, 80.0))
+    save_overlay_png(noted, views, "t", "s", (20.0, 80.0),
+                     notes=["bias_field: 30 % across the brain; expected < 20 %"] * 6)
+    a, b = imread(plain)[..., :3], imread(noted)[..., :3]
+    rows = np.nonzero(np.abs(a - b).max(axis=(1, 2)) > 0.1)[0]
+    assert rows.size and rows.min() > 0.6 * a.shape[0]  # drawn at the bottom, nothing else moved
+    yellow = (b[..., 0] > 0.8) & (b[..., 1] > 0.6) & (b[..., 2] < 0.5)
+    assert yellow.sum() > yellow.size * 0.002

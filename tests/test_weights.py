@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,32 @@ def test_meta_ignores_unknown_future_fields() -> None:
     d = json.loads(meta.to_json())
     d["added_in_a_later_version"] = 1
     assert WeightsMeta.from_json(json.dumps(d)).id == "a"
+
+
+def test_weights_files_get_the_mode_of_other_outputs(tmp_path: Path) -> None:
+    """Issue 16: weights.safetensors was written 0600 while the run's other files are 0644."""
+    from brainbag.outputs import default_mode, write_text_atomic
+
+    model = BagNet3D(BagNetConfig.for_rf(9, width=2))
+    path = tmp_path / "weights.safetensors"
+    save_weights(path, model, random_weights_meta(model, "mode-test"))
+    write_text_atomic(tmp_path / "MODEL_CARD.md", "card\n")
+    assert stat.S_IMODE(path.stat().st_mode) == default_mode()
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(
+        (tmp_path / "MODEL_CARD.md").stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_model_card_headings_are_one_line_each() -> None:
+    """Issue 16: the Validation heading of MODEL_CARD.md was split over two lines."""
+    from brainbag.train import model_card
+
+    model = BagNet3D(BagNetConfig.for_rf(9, width=2))
+    meta = random_weights_meta(model, "card-test")
+    meta.training.update(best_epoch=3, selected_by="val_mae", val_view="centre")
+    lines = model_card(meta).splitlines()
+    heading = next(line for line in lines if line.startswith("## Validation"))
+    assert heading.endswith("centre view)"), heading
+    for line in lines:
+        if line.startswith("#"):
+            assert line.count("(") == line.count(")"), line

@@ -316,3 +316,27 @@ def test_weights_commands_import_neither_torch_nor_huggingface_hub_to_list() -> 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_weights_info_of_a_file_prints_its_metadata_and_model_card(tmp_path: Path,
+                                                                   tiny_weights) -> None:
+    """Issue 16: `weights info FILE` answered "unknown weights id"."""
+    from brainbag.weights import read_meta
+
+    shipped = Path(__file__).resolve().parents[1] / "weights_manifest" / \
+        "bagnet3d-rf9-ixi-open-v1.safetensors"
+    result = runner.invoke(app, ["weights", "info", str(shipped)])
+    assert result.exit_code == 0, result.output
+    for needle in ("bagnet3d-rf9-ixi-open-v1", "arch_kwargs", "sha256", "training",
+                   "Model card: bagnet3d-rf9-ixi-open-v1", "bagnet3d-rf9-ixi-open-v1.md"):
+        assert needle in result.stdout, needle
+    assert sha256_file(shipped) in result.stdout
+
+    path = tiny_weights()  # no card beside it: the card is written from its metadata
+    card = json.loads(runner.invoke(app, ["weights", "info", str(path), "--json"]).stdout)
+    assert card["meta"]["id"] == read_meta(path).id
+    assert card["sha256"] == sha256_file(path) and card["model_card_path"] is None
+    assert card["model_card"].startswith(f"# Model card: {card['meta']['id']}")
+    result = runner.invoke(app, ["weights", "info", str(tmp_path / "gone.safetensors")])
+    assert result.exit_code == 1
+    _one_line_error(result, "weights file not found", "gone.safetensors")
