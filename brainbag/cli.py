@@ -306,9 +306,9 @@ def predict(
     participants: Annotated[
         Path | None,
         typer.Option("--participants", help="Table (.tsv/.csv) of participant_id (or t1w "
-                     "paths) with age and/or sex, matched to the inputs by file name or path "
-                     "[default for BIDS: participants.tsv, sessions.tsv and *_scans.tsv; for a "
-                     "list file: its third and fourth columns]."),
+                     "paths) with age and/or sex, matched to the inputs by file name or path. "
+                     "Without it: a BIDS dataset's participants.tsv, sessions.tsv and "
+                     "*_scans.tsv; a list file's third and fourth columns."),
     ] = None,
 ) -> None:
     """Predict brain age and P(female) and write local age and sex maps.

@@ -130,7 +130,9 @@ def format_mm(zooms: tuple[float, ...]) -> str:
 
 
 def axis_codes(affine: np.ndarray) -> str:
-    return "".join(nib.aff2axcodes(affine))
+    """Orientation codes such as ``RAS``; ``?`` for an axis nibabel cannot name (an affine so
+    skewed that two voxel axes point the same way)."""
+    return "".join(code or "?" for code in nib.aff2axcodes(affine))
 
 
 def read_header(path: Path, what: str = "input") -> Any:
@@ -306,6 +308,11 @@ def check_affine(affine: np.ndarray, path: Path, what: str = "input") -> None:
             f"{what} {path} has a degenerate affine (voxel sizes {format_mm(zooms)}); "
             "fix its header (sform/qform)"
         )
+    if None in nib.aff2axcodes(affine):
+        raise InputError(
+            f"{what} {path} has an affine so skewed that no anatomical direction can be given "
+            f"to each voxel axis (orientation {axis_codes(affine)}); fix its header "
+            "(sform/qform)")
 
 
 def same_grid(

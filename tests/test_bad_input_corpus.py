@@ -153,3 +153,23 @@ def test_implausible_voxel_sizes_with_force_are_one_line_not_a_memory_error(
     assert len(errors) == 1 and "voxel sizes are implausible" in errors[0], result.stderr
     assert "odd.nii.gz" in errors[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_affine_with_a_huge_skew_is_refused_not_a_traceback(tmp_path: Path,
+                                                               tiny_weights) -> None:
+    """Found by the random fuzz run: srow_x[1] = 7.5e14 made nibabel name no code for one axis
+    and `check` raised TypeError, `predict` an OrientationError."""
+    affine = np.eye(4)
+    affine[0, 1] = 750599960264704.0
+    data = np.zeros((6, 6, 6), np.uint8)
+    data[2:4, 2:4, 2:4] = 100
+    scan = save(data, affine, tmp_path / "skewed.nii")
+    result = runner.invoke(app, ["check", str(scan), "--json"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "so skewed" in result.stderr
+    out = tmp_path / "out"
+    result = predict(scan, "--weights", tiny_weights(), "--out", out, "--force", "--no-png")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "so skewed" in errors[0], result.output
+    assert not out.exists() or not any(out.iterdir())
