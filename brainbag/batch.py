@@ -9,6 +9,7 @@ Rows keep the order in which their inputs first appeared.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import shutil
@@ -36,7 +37,7 @@ REQUIRED_COLUMNS = ("subject", "session", "path", "input_sha256", "status", "age
 #: (forced results record it in prediction.json); optional outputs are checked by file instead.
 NOT_RESULT_SETTINGS = {"out", "weights", "rf", "mask", "mask_pattern", "png", "jobs", "resume",
                        "overwrite", "manifests", "cache_dir", "offline", "force",
-                       "save_conformed"}
+                       "save_conformed", "shard"}
 NOT_RESULT_INFERENCE = {"device", "batch_size", "threads"}
 
 T = TypeVar("T")
@@ -46,8 +47,9 @@ R = TypeVar("R")
 class ResultsTable:
     """``predictions.tsv`` in memory: rows keyed by input path, saved atomically."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = Path(out) / TSV_NAME
+    def __init__(self, out: Path, path: Path | None = None) -> None:
+        """The table of ``out`` (``predictions.tsv``), or the table at ``path`` (a shard's)."""
+        self.path = Path(path) if path is not None else Path(out) / TSV_NAME
         self.rows: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as fh:
@@ -86,15 +88,28 @@ def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def remove_stale_staging(out: Path) -> list[Path]:
+def remove_stale_staging(out: Path, items: Sequence[ScanInput] | None = None) -> list[Path]:
     """Remove staging folders and temporary files a killed run left behind.
 
     Only names brainbag itself creates are touched: hidden ``.*.partial-*`` / ``.*.old-*``
-    folders and hidden temporary copies of the table and index in the output folder.
+    folders and hidden temporary copies of the table and index in the output folder. With
+    ``items`` (a shard, while other shards write into the same folder), only those inputs'
+    staging folders.
     """
     removed: list[Path] = []
     out = Path(out)
     if not out.is_dir():
+        return removed
+    if items is not None:
+        for item in items:
+            final = out / item.location.folder
+            parent, stem = ((final, item.location.prefix) if item.location.prefix
+                            else (final.parent, final.name))
+            for kind in ("partial", "old"):
+                for path in parent.glob(f".{glob.escape(stem)}.{kind}-*"):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                        removed.append(path)
         return removed
     for pattern in (".*.partial-*", ".*.old-*"):
         for path in out.rglob(pattern):

@@ -303,6 +303,13 @@ def predict(
         typer.Option("--sex", help="Recorded sex of the one input (flags a strong "
                      "disagreement with the predicted P(female))."),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="Run shard K of N (K/N, e.g. 2/8) of the inputs into the "
+                     "shared --out, or auto: K and N from a Slurm job array or torchrun "
+                     "(LOCAL_RANK picks the GPU). The last shard to finish merges the tables; "
+                     "see `brainbag merge`."),
+    ] = None,
     participants: Annotated[
         Path | None,
         typer.Option("--participants", help="Table (.tsv/.csv) of participant_id (or t1w "
@@ -354,6 +361,7 @@ def predict(
         age=age,
         sex=sex.value if sex is not None else None,
         participants=participants,
+        shard=shard,
     )
     import time
 
@@ -379,7 +387,66 @@ def predict(
         _print_table(console, records, out, footer=not batch)
     if batch:
         print_summary(err, summary, str(out), bool(observer.png))
+    if shard is not None:
+        _print_shards(err, out)
     if any(r.get("status") != "ok" for r in records):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _print_shards(console: Any, out: Path) -> None:
+    """After a shard: how many shards are done, and whether their tables were merged."""
+    from rich.markup import escape
+
+    from brainbag.shards import all_finished, merge, shard_states
+
+    states = shard_states(out)
+    done = sum(1 for s in states if s.state == "complete")
+    count = max((s.count for s in states), default=0)
+    if all_finished(out):
+        try:
+            merge(out, write=False)
+        except BrainbagError as exc:  # the shards do not belong together
+            console.print(f"all {count} shards finished but cannot be merged:", soft_wrap=True)
+            fail(exc, exc.exit_code)
+        console.print(f"all {count} shards finished: merged into "
+                      f"{escape(str(out))}/predictions.tsv", soft_wrap=True)
+    else:
+        console.print(f"{done} of {count} shards finished; the last one to finish merges "
+                      f"(or run `brainbag merge {escape(str(out))}`)", soft_wrap=True)
+
+
+@app.command(cls=Command)
+def merge(
+    out: Annotated[Path, typer.Argument(help="The output folder the shards wrote into.")],
+) -> None:
+    """Merge the tables of `predict --shard` runs into one predictions.tsv and index.html.
+
+    Checks that every shard ran on the same inputs with the same weights and settings and that
+    every input appears exactly once; lists inputs no shard finished. Exit code 0 when every
+    input is ok, 1 when some failed or are missing, 2 when the shards do not belong together.
+    """
+    from rich.markup import escape
+
+    from brainbag.shards import merge as merge_shards
+
+    err = _console(stderr=True)
+    try:
+        result = merge_shards(out)
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+    ok = sum(1 for r in result.rows if r.get("status") == "ok")
+    err.print(f"merged {result.shards} shards into {escape(str(out))}/predictions.tsv: "
+              f"{len(result.rows)} inputs, {ok} ok, {len(result.failed)} failed, "
+              f"{len(result.missing)} missing", soft_wrap=True)
+    for path in result.failed:
+        err.print(f"[red]failed:[/] {escape(path)}", soft_wrap=True)
+    for path in result.missing:
+        err.print(f"[yellow]missing:[/] {escape(path)}", soft_wrap=True)
+    if result.running:
+        err.print(f"[yellow]still running or interrupted:[/] {', '.join(result.running)} "
+                  "(merge again when they finish; interrupted ones: rerun with --resume)",
+                  soft_wrap=True)
+    if result.failed or result.missing:
         raise typer.Exit(EXIT_FAILURE)
 
 

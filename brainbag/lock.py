@@ -10,6 +10,11 @@ and says how to go on (README, "One writer per output folder").
 
 The lock file is removed when the run ends (the folder too, when this run created it and left it
 empty), so a run that writes nothing leaves nothing behind.
+
+Shards (``predict --shard K/N``, :mod:`brainbag.shards`) share one output folder: each takes the
+folder's lock *shared* (so an ordinary run is refused while any shard runs, and a shard while an
+ordinary run does) and its own exclusive lock ``shards/.K-of-N.lock`` (so the same shard cannot
+run twice). A shared lock file is left in place when a shard ends, since other shards may hold it.
 """
 
 from __future__ import annotations
@@ -62,10 +67,13 @@ def _read_info(fd: int) -> dict[str, Any]:
 class OutputLock:
     """Context manager: hold ``out``'s lock for a run, or raise :class:`FolderInUse` at once."""
 
-    def __init__(self, out: Path, command: str = "predict") -> None:
+    def __init__(self, out: Path, command: str = "predict", name: str = LOCK_NAME,
+                 shared: bool = False, what: str = "output folder") -> None:
         self.out = Path(out)
-        self.path = self.out / LOCK_NAME
+        self.path = self.out / name
         self.command = command
+        self.shared = shared
+        self.what = what
         self._fd: int | None = None
         self._created_folder = False
         self.took_over: dict[str, Any] | None = None  # the dead holder whose lock was taken
@@ -129,18 +137,19 @@ class OutputLock:
         """flock the file; refuse when a live run holds it."""
         previous = _read_info(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderInUse(
-                f"output folder {self.out} is in use by another brainbag run "
+                f"{self.what} {self.out} is in use by another brainbag run "
                 f"({_holder_text(_read_info(fd))}); wait for it to finish, or choose another "
                 "--out") from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            self._check_pid_only(previous)
+            if not self.shared:  # shards cannot judge each other by pid: their own lock does
+                self._check_pid_only(previous)
             return
-        if previous.get("pid") and previous.get("pid") != os.getpid():
+        if not self.shared and previous.get("pid") and previous.get("pid") != os.getpid():
             # the kernel released the holder's lock: it died (or it ran on another host)
             self.took_over = previous
 
@@ -165,7 +174,8 @@ class OutputLock:
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if not self.shared:  # other shards may still hold a shared lock on this file
+                self.path.unlink(missing_ok=True)
         except OSError:
             pass
         os.close(self._fd)

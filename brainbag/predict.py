@@ -81,6 +81,7 @@ from brainbag.outputs import (
     write_json_atomic,
 )
 from brainbag.preprocess import Conformed, conform, load_mask
+from brainbag.shards import MergeResult, Shard, ShardState
 from brainbag.weights import LoadedWeights, open_weights
 
 MapSpace = Literal["model", "input"]
@@ -111,6 +112,7 @@ class PredictSettings:
     age: float | None = None  # --age: chronological age of the one input (years)
     sex: str | None = None  # --sex: recorded sex of the one input ("F" or "M")
     participants: Path | None = None  # --participants: a table of ages and sexes
+    shard: str | None = None  # --shard K/N or auto: this process runs shard K of N
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (written to every ``prediction.json``)."""
@@ -745,9 +747,42 @@ def run_discovered(
     keep_going: bool | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_predict` on inputs already discovered, holding the output folder's lock
-    (:mod:`brainbag.lock`) for the whole run: a second run on the same ``--out`` is refused."""
+    (:mod:`brainbag.lock`) for the whole run: a second run on the same ``--out`` is refused.
+    With ``settings.shard``, only that shard's inputs (:mod:`brainbag.shards`)."""
+    if settings.shard is not None:
+        return _run_shard(discovery, settings, observer)
     with OutputLock(settings.out):
         return BatchRun(discovery, settings, observer, keep_going).run()
+
+
+def _run_shard(discovery: Discovery, settings: PredictSettings,
+               observer: RunObserver | None) -> list[dict[str, Any]]:
+    """Shard K of N: its inputs, its own table and state in ``OUT/shards``, a shared lock on the
+    output folder and an exclusive one on the shard; the last shard to finish merges."""
+    from brainbag.shards import SHARDS_DIR, assign, parse_shard
+
+    assert settings.shard is not None
+    shard = parse_shard(settings.shard)
+    if shard.local_rank is not None and settings.inference.device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # torchrun: LOCAL_RANK picks this process's GPU
+            settings = replace(settings, inference=replace(
+                settings.inference, device=f"cuda:{shard.local_rank}"))
+    if not discovery.items:
+        where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
+                 else "(.nii, .nii.gz, .mgz)")
+        raise UsageError(f"no T1 image found in {discovery.root} {where}")
+    mine = replace(discovery, items=assign(discovery.items, shard))
+    with OutputLock(settings.out, shared=True), OutputLock(
+            Path(settings.out) / SHARDS_DIR, name=f".{shard.name}.lock",
+            what=f"shard {shard.name} of output folder"):
+        run = BatchRun(mine, settings, observer, keep_going=True,
+                       shard=(shard, discovery.items))
+        return run.run()
+
+
+ShardPlan = tuple[Shard, list[ScanInput]]
 
 
 Outcome = Future[Staged[dict[str, Any]]] | Staged[dict[str, Any]]
@@ -763,13 +798,20 @@ class BatchRun:
         settings: PredictSettings,
         observer: RunObserver | None = None,
         keep_going: bool | None = None,
+        shard: ShardPlan | None = None,
     ) -> None:
+        """``shard``: this run is that shard of all the given inputs (``discovery`` holds only
+        the shard's own)."""
         if settings.jobs < 0:
             raise UsageError(f"--jobs must be >= 0, got {settings.jobs}")
         if settings.png is None:
-            settings = replace(settings, png=discovery.batch)
-        check_output_folder(settings.out, settings.resume, settings.overwrite)
-        if not discovery.items:
+            settings = replace(settings, png=discovery.batch or shard is not None)
+        self.shard = shard
+        if shard is None:
+            check_output_folder(settings.out, settings.resume, settings.overwrite)
+        else:
+            _check_shard_folder(settings, shard[0])
+        if not discovery.items and shard is None:
             where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
                      else "(.nii, .nii.gz, .mgz)")
             raise UsageError(f"no T1 image found in {discovery.root} {where}")
@@ -781,12 +823,15 @@ class BatchRun:
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: deque[tuple[ScanInput, Outcome, float]] = deque()
         self.wrote = False
+        self.merged: MergeResult | None = None  # set by the shard that merged all shards
 
     def run(self) -> list[dict[str, Any]]:
         """Run every input not already done; return one record per input, in input order."""
         settings = self.settings
-        remove_stale_staging(settings.out)
-        self.table = ResultsTable(settings.out)
+        remove_stale_staging(settings.out, self.discovery.items if self.shard else None)
+        self.table = ResultsTable(settings.out, self.shard[0].table(settings.out)
+                                  if self.shard else None)
+        state = self._start_shard() if self.shard else None
         todo, done = (_resumed(self.predictor, self.discovery.items, self.table)
                       if settings.resume else (list(self.discovery.items), {}))
         if done:  # rows rebuilt for inputs finished without a saved row are kept at once
@@ -810,16 +855,49 @@ class BatchRun:
                 self._settle(block_until=0)
             finally:  # even if a second Ctrl-C stops that
                 self._mark_skipped(todo, current)
+                if state is not None:
+                    state.state = "interrupted"
+                    state.save(settings.out)
             raise
         finally:
             if writer is not None:
                 writer.shutdown(wait=True, cancel_futures=True)
-            if (self.wrote or done) and settings.png:
+            if state is not None:
+                pass  # the merged index.html is written by the merge
+            elif (self.wrote or done) and settings.png:
                 from brainbag.report import write_index
 
                 write_index(settings.out, list(self.table.rows.values()))
+        if state is not None:
+            self.table.save()  # a shard with nothing left to do still leaves its table
+            self._finish_shard(state)
         return [self.records.get(k) or done[k]
                 for k in (str(i.path.resolve()) for i in self.discovery.items)]
+
+    def _start_shard(self) -> ShardState:
+        from brainbag.shards import start_state
+
+        assert self.shard is not None
+        shard, everything = self.shard
+        weights = self.predictor.weights.get()
+        return start_state(self.settings.out, shard, everything, self.discovery.items,
+                           weights.sha256, weights.id, self.predictor.fingerprint,
+                           bool(self.settings.png))
+
+    def _finish_shard(self, state: ShardState) -> None:
+        """Mark the shard complete; the last one to finish merges the shards' tables."""
+        import datetime
+
+        from brainbag.shards import MergeError, all_finished, merge
+
+        state.state = "complete"
+        state.finished = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        state.save(self.settings.out)
+        if all_finished(self.settings.out):
+            try:
+                self.merged = merge(self.settings.out)
+            except MergeError:
+                pass  # this shard's results are kept; `brainbag merge` says what is wrong
 
     def _run_one(self, item: ScanInput, staged: Staged[Prepared],
                  writer: ThreadPoolExecutor | None) -> None:
@@ -894,6 +972,23 @@ class BatchRun:
                 self.wrote = True
         if self.wrote:
             self.table.save()
+
+
+def _check_shard_folder(settings: PredictSettings, shard: Shard) -> None:
+    """A shard's output folder may hold other shards' results; its own table only with
+    ``--resume`` or ``--overwrite``."""
+    if settings.resume and settings.overwrite:
+        raise UsageError("give --resume or --overwrite, not both")
+    out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if (out / "predictions.tsv").exists() and not (out / "shards").is_dir():
+        raise UsageError(f"output folder {out} holds the results of an ordinary run "
+                         "(predictions.tsv, no shards/): shard into another --out")
+    if shard.table(out).exists() and not (settings.resume or settings.overwrite):
+        raise UsageError(
+            f"shard {shard.name} already ran in {out} ({shard.table(out)}): pass --resume to "
+            "finish it, --overwrite to redo its inputs, or choose another --out")
 
 
 def _write_dataset_description(out: Path, discovery: Discovery) -> None:
