@@ -146,20 +146,25 @@ def conform(
                 f"{spacing:g} mm isotropic: drop --no-resample to let brainbag resample it, "
                 "or resample it yourself"
             )
-        shape, to_ras_grid = anchored_grid(data.shape, affine, spacing)
         sigmas = antialias_sigmas(voxel_sizes(affine), spacing)
         # Pad with background first, so that smoothing and interpolation near the array's border
         # see the zeros that lie beyond it, as they would in a scan with a larger field of view:
         # a scan cropped tightly around the brain then conforms like the uncropped one.
         pad = int(math.ceil(4 * max(sigmas))) + 2
-        padded_shape = [n + 2 * pad for n in data.shape]
-        if max(math.prod(shape), math.prod(padded_shape)) > MAX_VOXELS:
+        # counted in floats from the voxel sizes: integer grid sizes of a giant grid overflow
+        # (int64) and look small
+        sizes = voxel_sizes(affine)
+        needed = int(min(2.0**62, max(
+            math.prod(n * z / spacing + 1.0 for n, z in zip(data.shape, sizes, strict=True)),
+            math.prod(float(n + 2 * pad) for n in data.shape))))
+        if needed > MAX_VOXELS:
             raise InputError(
                 f"{loaded.path}: resampling its {format_mm(zooms)} voxels to {spacing:g} mm "
-                f"would need a grid of {max(math.prod(shape), math.prod(padded_shape)):,} "
+                f"would need a grid of {needed:,} "
                 f"voxels, more than brainbag accepts ({MAX_VOXELS:,}); the header's voxel "
                 "sizes are implausible for a brain scan: check them (e.g. fslhd) and fix the "
                 "header")
+        shape, to_ras_grid = anchored_grid(data.shape, affine, spacing)
         lift = np.eye(4)
         lift[:3, 3] = pad
         padded = np.pad(data, pad)

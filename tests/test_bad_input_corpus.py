@@ -136,12 +136,13 @@ def test_zz_print_the_messages() -> None:
         print(f"{name}: {message}")
 
 
-@pytest.mark.parametrize("zoom", [0.002, 5e3])
+@pytest.mark.parametrize("zoom", [0.002, 5e3, 1.5e18])
 def test_implausible_voxel_sizes_with_force_are_one_line_not_a_memory_error(
         zoom: float, tmp_path: Path, tiny_weights) -> None:
     """Found by a random fuzz run: with --force, a header whose voxels are 0.002 mm (smoothing
     before coarsening pads by thousands of voxels) or 5 m (a giant grid) made conform allocate
-    until MemoryError. The resampling grid is now bounded like the input."""
+    until MemoryError; at 1.5e18 mm the grid's voxel count overflowed int64, looked small and
+    reached SimpleITK. The resampling grid is now bounded like the input."""
     data = np.zeros((12, 12, 12), np.float32)
     data[3:9, 3:9, 3:9] = 100.0
     scan = save(data, make_affine(zooms=(zoom,) * 3), tmp_path / "odd.nii.gz")
