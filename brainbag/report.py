@@ -292,7 +292,7 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
     e = html.escape
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") == "failed"]
-    skipped = [r for r in rows if r.get("status") == "skipped"]
+    skipped = [r for r in rows if r.get("status") in ("skipped", "missing")]
     cards = []
     for row in ok:
         ids = " ".join(x for x in (row.get("subject"), row.get("session")) if x)
@@ -320,7 +320,7 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
             f"<tr><td class='failed'>{e(str(r.get('status')))}</td><td>{e(str(r.get('path')))}"
             f"</td><td>{e(str(r.get('error')))}</td></tr>" for r in failed + skipped)
         failures = f"<table><tr><th>status</th><th>input</th><th>reason</th></tr>{lines}</table>"
-    counts = f"{len(ok)} ok, {len(failed)} failed" + (f", {len(skipped)} skipped"
+    counts = f"{len(ok)} ok, {len(failed)} failed" + (f", {len(skipped)} skipped or missing"
                                                       if skipped else "")
     page = _PAGE.format(title=e(title), counts=e(counts), failures=failures,
                         cards="\n".join(cards))
