@@ -214,7 +214,7 @@ def auto_threads(default: int) -> int:
 
 
 def resolve_threads(threads: int) -> int:
-    """Set torch's CPU thread count and return it.
+    """Set torch's (and SimpleITK's) CPU thread count and return it.
 
     ``threads > 0`` is used as given, and so is ``OMP_NUM_THREADS`` when set. ``0`` (auto) is
     :func:`auto_threads`: more threads than free CPUs makes every parallel operation wait for a
@@ -224,7 +224,14 @@ def resolve_threads(threads: int) -> int:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(auto_threads(torch.get_num_threads()))
-    return torch.get_num_threads()
+    n = torch.get_num_threads()
+    # SimpleITK (resampling, smoothing, N4, the checks) has its own thread pool, one thread per
+    # CPU by default: without this, "--threads 1" still used every core in preprocessing, and
+    # shards of one thread each competed for the same cores (bench/shards.py)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    return n
 
 
 def bf16_supported(device: torch.device) -> bool:

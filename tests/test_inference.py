@@ -170,3 +170,23 @@ def test_threads_auto_leaves_the_cpus_other_work_uses(monkeypatch) -> None:
         assert inference.idle_cpus() == 64
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_also_bound_simpleitk(monkeypatch) -> None:
+    """--threads 1 left SimpleITK (resampling, smoothing, checks) on every CPU, so two shards of
+    one thread each competed for both cores of this machine (bench/shards.py: 0.59x)."""
+    import SimpleITK as sitk
+
+    from brainbag import inference
+
+    before_torch = torch.get_num_threads()
+    before_itk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+        assert inference.resolve_threads(1) == 1
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+        assert inference.resolve_threads(2) == 2
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
+    finally:
+        torch.set_num_threads(before_torch)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before_itk)
