@@ -251,8 +251,9 @@ def predict(
     ] = False,
     map_space: Annotated[
         MapSpaceOpt,
-        typer.Option("--map-space", help="model: maps on the network's 8 mm grid; input: "
-                     "resampled onto the input image's own grid."),
+        typer.Option("--map-space", help="model: maps on the network's own grid (every 8th "
+                     "voxel at the weights' voxel size: 16 mm for the shipped 2 mm weights); "
+                     "input: resampled onto the input image's own grid."),
     ] = MapSpaceOpt.model,
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
