@@ -16,6 +16,9 @@ and backends) and times SFCN (bench/sfcn.py) as a peer anchor.
 * floor = 2 * multiply-adds / peak rate. "GMAC" is the network as defined (BAGNET3D.md: 345 G for
   RF 9 on 182x218x182); "GMAC run" is what the fast path executes (stem folded into one
   convolution), with its own floor ratio "x floor run".
+* conv share (CPU): of one more run under ``torch.profiler``, the self time of the convolution
+  operators over the self time of all operators: how much of the forward is the convolutions
+  and how much is everything else (norm statistics, scale-and-shift, ReLU, copies).
 * peak memory: the peak resident set of the worker process (``ru_maxrss``: model, volume, torch
   runtime and all), each configuration in a fresh process; on CUDA the peak allocated GPU memory.
 * variants: ``fast`` (the default inference path), ``naive`` (the module-by-module path as before
@@ -150,10 +153,27 @@ def worker_bagnet(cfg: dict[str, Any]) -> dict[str, Any]:
     first, times = _timed(run, cfg["runs"], cfg["device"])
     return {
         "first": first, "times": times, "peak_gb": _memory(cfg["device"]),
+        "conv_share": _conv_share(run, cfg["device"]),
         "precision_run": result["r"].precision, "windows": windows,
         "gmac": windows * macs_estimate(config, win) / 1e9,  # type: ignore[arg-type]
         "gmac_run": windows * macs_estimate(config, win, folded_stem=True) / 1e9,  # type: ignore[arg-type]
     }
+
+
+def _conv_share(run: Any, device: str) -> float | None:
+    """Share of one profiled run's operator time spent in convolutions (CPU only): the self
+    time of every convolution op over the self time of all ops (torch.profiler; its own
+    overhead lands in "the rest", so the share is a lower bound)."""
+    if device.startswith("cuda"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return conv / total if total else None
 
 
 def worker_sfcn(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +198,7 @@ def worker_sfcn(cfg: dict[str, Any]) -> dict[str, Any]:
     first, times = _timed(run, cfg["runs"], cfg["device"])
     gmac = sfcn_macs() / 1e9
     return {"first": first, "times": times, "peak_gb": _memory(cfg["device"]), "windows": 1,
+            "conv_share": _conv_share(run, cfg["device"]),
             "gmac": gmac, "gmac_run": gmac, "precision_run": cfg["precision"]}
 
 
@@ -301,6 +322,10 @@ def machine(device: str) -> str:
     return text
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -381,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = "x".join(map(str, args.shape))
     print()
     print("| net | input | mode | precision | variant | median s | min s | first s | peak GB "
-          "| GMAC | floor s | x floor | GMAC run | x floor run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GMAC | floor s | x floor | GMAC run | x floor run | conv share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg, rs in zip(configs, results, strict=True):
         ok = [r for r in rs if "error" not in r]
         if cfg["kind"] == "sfcn":
@@ -405,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {inp} | {mode} | {label} | {cfg['variant']} | {fmt(med)} | "
               f"{fmt(min(times))} | {fmt(statistics.median(r['first'] for r in ok))} | "
               f"{fmt(max(r['peak_gb'] for r in ok))} | {ok[0]['gmac']:.0f} | {fmt(floor)} | "
-              f"{fmt(med / floor, 1)} | {ok[0]['gmac_run']:.0f} | {fmt(med / floor_run, 1)} |")
+              f"{fmt(med / floor, 1)} | {ok[0]['gmac_run']:.0f} | {fmt(med / floor_run, 1)} | "
+              f"{_share(ok[0].get('conv_share'))} |")
     return 0
 
 

@@ -285,13 +285,14 @@ def test_resume_of_a_finished_run_says_nothing_to_do_before_loading_volumes(
 
 def test_ctrl_c_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(
         tiny_data: Path, tmp_path: Path) -> None:
+    handler = signal.getsignal(signal.SIGINT)  # not always the default: nohup/& ignore SIGINT
     straight = run_training(_config(tiny_data, tmp_path / "a"), QuietReporter())
     with pytest.raises(TrainingInterrupted, match="epoch 2, step 1/2; saved") as info:
         run_training(_config(tiny_data, tmp_path / "b"), _InterruptAt(1, 0))
     assert info.value.exit_code == 130
     ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # training restored it
     said = _Messages()
     resumed = run_training(_config(tiny_data, tmp_path / "b"), said, resume=True)
     assert resumed.resumed_from == 1
