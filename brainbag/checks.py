@@ -101,6 +101,9 @@ class CheckOptions:
     resample: bool = True
     mode: str = "sliding"
     n4: bool = False
+    #: the weights' voxel size (mm) and brain view (voxels at that size; None: sliding crops)
+    voxel_mm: float = 1.0
+    view_xyz: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -534,10 +537,13 @@ def check_intensity(ctx: CheckContext) -> CheckResult:
 
 
 def check_voxel_size(ctx: CheckContext) -> CheckResult:
-    """About 1 mm isotropic passes; other sizes are resampled; very coarse or anisotropic fails."""
+    """The weights' voxel size passes (finer voxels too, for weights coarser than 1 mm: they are
+    smoothed and resampled, as in training); other sizes are resampled; very coarse or
+    anisotropic fails."""
     zooms = ctx.zooms
-    expected = (f"1 mm isotropic (others resampled; fail above {MAX_VOXEL_MM:g} mm or "
-                f"{MAX_ANISOTROPY:g}:1 anisotropy)")
+    target = ctx.options.voxel_mm
+    expected = (f"{target:g} mm isotropic (the weights' voxel size; others resampled; fail "
+                f"above {MAX_VOXEL_MM:g} mm or {MAX_ANISOTROPY:g}:1 anisotropy)")
     found = format_mm(zooms)
     values = {"voxel_mm": list(zooms)}
     ratio = max(zooms) / min(zooms)
@@ -546,12 +552,17 @@ def check_voxel_size(ctx: CheckContext) -> CheckResult:
         return CheckResult("voxel_size", "fail", f"{found} ({what})", expected,
                            "the model needs ~1 mm 3D T1 detail: use a 3D T1 acquisition "
                            "(e.g. MPRAGE) at about 1 mm", values)
-    if all(abs(z - 1.0) <= SPACING_TOLERANCE_MM for z in zooms):
+    if all(abs(z - target) <= SPACING_TOLERANCE_MM for z in zooms):
         return CheckResult("voxel_size", "pass", found, expected, values=values)
     if not ctx.options.resample:
-        return CheckResult("voxel_size", "fail", f"{found} (not 1 mm, --no-resample)",
+        return CheckResult("voxel_size", "fail", f"{found} (not {target:g} mm, --no-resample)",
                            expected, "drop --no-resample to let brainbag resample it", values)
-    return CheckResult("voxel_size", "warn", f"{found}: will be resampled to 1 mm isotropic",
+    if target > 1.0 + SPACING_TOLERANCE_MM and max(zooms) <= target + SPACING_TOLERANCE_MM:
+        return CheckResult("voxel_size", "pass", f"{found}: smoothed and resampled to "
+                           f"{target:g} mm, as the weights were trained", expected,
+                           values=values)
+    return CheckResult("voxel_size", "warn", f"{found}: will be resampled to {target:g} mm "
+                       "isotropic",
                        expected, "fine for most scans; resample yourself to control the "
                        "interpolation", values)
 
@@ -663,16 +674,31 @@ def check_field_of_view(ctx: CheckContext) -> CheckResult:
     contact = border_contact(brain.mask, affine)
     cut = [f"{side} ({area:.0f} cm^2)" for side, area in contact.items()
            if area > (INFERIOR_BORDER_CM2 if side == "inferior" else BORDER_CM2)]
-    crop = "x".join(str(c) for c in TRAINING_CROP)
+    view = ctx.options.view_xyz
+    box = ([round(v * ctx.options.voxel_mm) for v in view] if view is not None
+           else list(TRAINING_CROP))
+    crop = "x".join(str(c) for c in box)
     shown = [round(e) for e in extent]  # compared as shown: 160 mm is not larger than 160
     size = "x".join(str(e) for e in shown)
-    expected = f"brain inside the image; model trained on {crop} mm crops (x y z)"
+    expected = ("brain inside the image; " + (f"the weights see a {crop} mm box around the "
+                f"brain (x y z)" if view is not None else
+                f"model trained on {crop} mm crops (x y z)"))
     values = {"brain_extent_mm": list(extent), "border_cm2": contact}
     if cut:
         return CheckResult("field_of_view", "warn", f"brain {size} mm touches the image border: "
                            + ", ".join(cut), expected, "part of the brain may be cut off: use a "
                            "scan covering the whole brain", values)
-    larger = [ax for ax, e, c in zip("xyz", shown, TRAINING_CROP, strict=True) if e > c]
+    if view is not None:
+        larger = [ax for ax, e, c in zip("xyz", shown, box, strict=True) if e > c]
+        if larger:
+            return CheckResult("field_of_view", "warn", f"brain {size} mm, larger than the "
+                               f"weights' {crop} mm view along {', '.join(larger)}", expected,
+                               "the view grows to hold the brain, so the network sees more "
+                               "than in training: an unusually large brain or a mask that "
+                               "includes non-brain tissue; check the mask", values)
+        return CheckResult("field_of_view", "pass", f"brain {size} mm, within the weights' "
+                           f"{crop} mm view", expected, values=values)
+    larger = [ax for ax, e, c in zip("xyz", shown, box, strict=True) if e > c]
     if larger and ctx.options.mode == "full":
         return CheckResult("field_of_view", "warn", f"brain {size} mm, larger than the crop "
                            f"along {', '.join(larger)}", expected, "--mode full shows the model "

@@ -470,17 +470,37 @@ def check(
         bool, typer.Option("--n4", help="Also run N4 bias-field correction and report the "
                            "field left after it and its run time.")
     ] = False,
+    rf: Annotated[
+        int | None,
+        typer.Option("--rf", help="Judge the scans for the default weights of this receptive "
+                     "field, as predict --rf would use them (default: 9)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Judge the scans for these weights (a manifest ID or a "
+                     ".safetensors file): their voxel size and brain view. Nothing is "
+                     "downloaded or loaded but the file's metadata."),
+    ] = None,
+    manifest: ManifestOpt = None,
 ) -> None:
     """Check whether scans fit the model: one table per scan, one row per check.
 
-    Exit code 0 when no check fails (warnings allowed), 1 when any check fails.
+    The voxel size and field of view are judged for the weights predict would use (the default
+    for --rf 9 unless --rf or --weights says otherwise). Exit code 0 when no check fails
+    (warnings allowed), 1 when any check fails.
     """
     from brainbag.checks import CheckOptions, check_inputs
+    from brainbag.weights import input_expectations
 
     if mask is not None and len(inputs) > 1:
         fail(UsageError("--mask applies to one input; check one input per run with --mask"),
              EXIT_USAGE)
-    options = CheckOptions(mask=mask, n4=n4)
+    try:
+        expect = input_expectations(weights, rf, tuple(manifest or ()))
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+    options = CheckOptions(mask=mask, n4=n4, voxel_mm=expect.voxel_mm, view_xyz=expect.view_xyz,
+                           mode="auto")
     console = _console()
     err = _console(stderr=True)
 

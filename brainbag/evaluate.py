@@ -186,7 +186,8 @@ def run_evaluate(
     settings.validate()
     _, records = select_records(settings)
     loaded = [load_weights(p) for p in settings.weights]
-    checks = check_records(records, settings)
+    # the checks judge the images by the first weights file's voxel size and brain view
+    checks = check_records(records, settings, loaded[0].meta.voxel_mm, loaded[0].meta.view)
     taken: set[str] = set()
     results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
                              list(w.meta.heads), [], {}) for w in loaded]
@@ -222,7 +223,8 @@ def run_evaluate(
     return results
 
 
-def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings
+def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
+                  voxel_mm: float = 1.0, view: tuple[int, int, int] | None = None
                   ) -> list[CheckReport]:
     """Run predict's input checks on every image before any inference, so a bad image stops
     the evaluation at once (with the line predict would print) unless ``settings.force``.
@@ -235,7 +237,8 @@ def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings
     for record in records:
         loaded = load_image(record.t1w)
         mask = load_mask(record.mask, loaded) if record.mask is not None else None
-        options = CheckOptions(mask=record.mask, mode=settings.inference.mode)
+        options = CheckOptions(mask=record.mask, mode=settings.inference.mode,
+                               voxel_mm=voxel_mm, view_xyz=view)
         reports.append(run_checks(record.t1w, options, loaded=loaded, mask=mask))
     failed = [r for r in reports if r.failures]
     if failed and not settings.force:

@@ -145,6 +145,13 @@ class WeightsProvider:
         except BrainbagError:
             return 1.0
 
+    def view(self) -> tuple[int, int, int] | None:
+        """The brain view of the weights (None when they cannot be loaded, or have none)."""
+        try:
+            return self.get().meta.view
+        except BrainbagError:
+            return None
+
     def get(self) -> LoadedWeights:
         with self._lock:
             return self._get()
@@ -310,7 +317,8 @@ class Predictor:
         from brainbag.fixes import n4_correct
 
         options = CheckOptions(mask=mask_path, resample=self.settings.resample,
-                               mode=self.settings.inference.mode, n4=self.settings.n4)
+                               mode=self.settings.inference.mode, n4=self.settings.n4,
+                               voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view())
         report = run_checks(loaded.path, options, loaded=loaded, mask=mask)
         if report.failures and not self.settings.force:
             raise InputError(report.failure_message())

@@ -384,6 +384,41 @@ def check_entry(entry: WeightsEntry, meta: WeightsMeta, path: Path) -> None:
         )
 
 
+@dataclass(frozen=True)
+class InputExpectations:
+    """What a weights file expects of its inputs, for ``brainbag check``: the voxel size the
+    network runs at and the brain view it sees (voxels at that size), and whose they are."""
+
+    voxel_mm: float = 1.0
+    view_xyz: tuple[int, int, int] | None = None
+    weights_id: str | None = None
+
+
+def input_expectations(
+    spec: str | None, rf: int | None, manifests: Sequence[Path] = ()
+) -> InputExpectations:
+    """The expectations of ``--weights``/``--rf`` without loading tensors or downloading: a
+    file's metadata, or a manifest entry's ``preprocessing``. No default weights: 1 mm, no view.
+    """
+    if spec is not None and _looks_like_path(spec):
+        meta = read_meta(Path(spec).expanduser())
+        return InputExpectations(meta.voxel_mm, meta.view, meta.id)
+    catalog = load_catalog(manifests)
+    entry = catalog.default_for(rf or 9) if spec is None else catalog.entries.get(spec)
+    if entry is None:
+        if spec is None:
+            return InputExpectations()
+        raise WeightsError(
+            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
+            f"{', '.join(catalog.entries) or 'none'}); pass a .safetensors path or an id from "
+            "`brainbag weights list`")
+    pre = entry.preprocessing or {}
+    view = pre.get("view_xyz")
+    return InputExpectations(float(pre.get("voxel_mm", 1.0)),
+                             tuple(int(v) for v in view) if view else None,  # type: ignore[arg-type]
+                             entry.id)
+
+
 def open_weights(
     spec: str | None,
     rf: int | None,

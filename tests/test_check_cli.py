@@ -32,14 +32,28 @@ def scans(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def test_a_clean_scan_prints_a_table_and_exits_0(scans) -> None:
-    result = runner.invoke(app, ["check", str(scans["clean"])], env={"COLUMNS": "200"})
+def test_a_clean_scan_prints_a_table_and_exits_0(scans, tiny_weights) -> None:
+    # judged for weights at 1 mm: the phantom's 2 mm voxels will be resampled (a warning)
+    result = runner.invoke(app, ["check", str(scans["clean"]), "--weights",
+                                 str(tiny_weights())], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "fits, with warnings" in out  # 2 mm voxels are resampled
     for name in CHECK_NAMES:
         assert name in out
     assert "will be resampled to 1 mm" in out
+
+
+def test_check_judges_for_the_default_weights_of_predict(scans) -> None:
+    """The shipped RF 9 weights run at 2 mm on a 160x192x160 mm brain view: check said "will
+    be resampled to 1 mm" and compared the brain with 1 mm sliding crops."""
+    result = runner.invoke(app, ["check", str(scans["clean"]), "--json"])
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["voxel_size"]["status"] == "pass"
+    assert "2 mm isotropic (the weights' voxel size" in rows["voxel_size"]["expected"]
+    assert "160x192x160 mm" in rows["field_of_view"]["expected"]
+    unknown = runner.invoke(app, ["check", str(scans["clean"]), "--weights", "no-such-id"])
+    assert unknown.exit_code == 1 and "neither a file nor a weights id" in unknown.output
 
 
 def test_a_failing_scan_exits_1_and_names_the_fix(scans) -> None:
@@ -97,7 +111,8 @@ def test_cli_builds_the_check_options(scans, monkeypatch) -> None:
     assert result.exit_code == 0, result.output
     assert seen["paths"] == [scans["clean"]]
     o = seen["options"]
-    assert (o.mask, o.n4, o.mode, o.resample) == (scans["mask"], True, "sliding", True)
+    assert (o.mask, o.n4, o.mode, o.resample) == (scans["mask"], True, "auto", True)
+    assert (o.voxel_mm, o.view_xyz) == (2.0, (80, 96, 80))  # the shipped default weights
     assert json.loads(result.stdout) == []
 
 

@@ -353,3 +353,38 @@ def test_find_images_walks_folders(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no .nii"):
         find_images([tmp_path / "empty"])
+
+
+@pytest.mark.parametrize(
+    "zooms, status, needle",
+    [((1.0, 1.0, 1.0), "pass", "smoothed and resampled to 2 mm"), ((2.0, 2.0, 2.0), "pass",
+     "2x2x2 mm"), ((2.5, 2.5, 2.5), "warn", "resampled to 2 mm"),
+     ((0.9, 0.9, 1.2), "pass", "resampled to 2 mm")],
+)
+def test_voxel_size_is_judged_for_the_weights_voxel_size(tmp_path: Path, zooms, status: str,
+                                                         needle: str) -> None:
+    """Weights at 2 mm (the shipped ones): finer scans are smoothed and resampled as in
+    training, not "resampled to 1 mm"; only refining coarser voxels warns."""
+    rng = np.random.default_rng(0)
+    path = save(rng.uniform(1, 100, (24, 24, 24)), make_affine(zooms=zooms), tmp_path / "v.nii")
+    result = _run(path, voxel_mm=2.0, names=("voxel_size",)).get("voxel_size")
+    assert result.status == status and needle in result.found, result.found
+    assert "2 mm isotropic (the weights' voxel size" in result.expected
+
+
+def test_field_of_view_against_the_weights_brain_view(tmp_path: Path, monkeypatch) -> None:
+    """Weights with a brain view (80x96x80 voxels at 2 mm = 160x192x160 mm) see the whole
+    brain at once: no "crop" or "--mode sliding" advice, which would be wrong for them."""
+    import brainbag.checks as checks
+
+    monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
+    path = _scan(tmp_path, "in.nii.gz")
+    view = {"voxel_mm": 2.0, "view_xyz": (80, 96, 80), "names": ("field_of_view",)}
+    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (140.0, 180.2, 150.0))
+    inside = _run(path, **view).get("field_of_view")
+    assert inside.status == "pass"
+    assert inside.found == "brain 140x180x150 mm, within the weights' 160x192x160 mm view"
+    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (140.0, 200.0, 150.0))
+    larger = _run(path, **view).get("field_of_view")
+    assert larger.status == "warn" and "larger than the weights' 160x192x160 mm view along y" \
+        in larger.found and "check the mask" in larger.hint
