@@ -150,6 +150,10 @@ class ConsoleObserver:
             what = (f"ok, age {record['age']:.1f}, P(female) {record['p_female']:.2f}"
                     if record.get("status") == "ok" and record.get("age") is not None
                     and record.get("p_female") is not None else str(record.get("status")))
+            if record.get("status") == "ok" and record.get("brain_age_gap") is not None:
+                what += f", gap {record['brain_age_gap']:+.1f}"
+                if record.get("brain_age_gap_corrected") is not None:
+                    what += f" (corrected {record['brain_age_gap_corrected']:+.1f})"
             seconds = record.get("seconds")
             took = f", {seconds:.1f} s" if isinstance(seconds, float) else ""
             self.console.print(

@@ -271,3 +271,18 @@ def test_the_png_title_and_index_carry_the_gap(tmp_path: Path, calibrated: Path)
                    tmp_path / "p.tsv", *FAST).exit_code == 0
     page = (tmp_path / "o2" / "index.html").read_text()
     assert "chronological age 50.0 y" in page and "bias-corrected" in page
+
+
+def test_the_plain_progress_line_carries_the_gap(tmp_path: Path, calibrated: Path) -> None:
+    a, b = brain(tmp_path / "a.nii.gz", seed=1), brain(tmp_path / "b.nii.gz", seed=2)
+    listing = tmp_path / "scans.txt"
+    listing.write_text(f"{a}\t\t40\n{b}\n")
+    out = tmp_path / "out"
+    result = predict(listing, "--weights", calibrated, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("]")[1].split(":")[0].strip(): line
+             for line in result.stderr.splitlines() if line.startswith("[")}
+    record = _json(out, "a")
+    assert (f"gap {record['brain_age_gap']:+.1f} (corrected "
+            f"{record['brain_age_gap_corrected']:+.1f})") in lines["a"]
+    assert "gap" not in lines["b"]  # no age, no gap
