@@ -35,14 +35,13 @@ import numpy as np
 from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
 from brainbag.io import bounding_box, box_overlap
-from brainbag.tables import MISSING, parse_age, parse_sex, read_table
+from brainbag.tables import ID_COLUMNS, MISSING, column, labels, read_table
 
 if TYPE_CHECKING:
     from brainbag.preprocess import Conformed
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".tsv", ".csv")
-_ID_COLUMNS = ("participant_id", "observations", "subject", "subject_id")
 _IMAGE_COLUMNS = ("t1w", "image", "path")
 
 
@@ -94,18 +93,6 @@ def bare_id(participant_id: str) -> str:
     return text[4:] if text.startswith("sub-") else text
 
 
-def _column(header: Sequence[str], names: Sequence[str]) -> str | None:
-    return next((c for c in names if c in header), None)
-
-
-def _labels(row: dict[str, str], header: Sequence[str], where: str) -> tuple[float | None,
-                                                                             str | None]:
-    age = parse_age(row.get("age"), where) if "age" in header else None
-    sex_col = _column(header, ("sex", "gender", "gender_text", "gender_code"))
-    sex = parse_sex(row.get(sex_col), where, sex_col) if sex_col else None
-    return age, sex
-
-
 def _split_value(value: str | None, where: str) -> str | None:
     text = (value or "").strip().lower()
     if text in MISSING:
@@ -123,8 +110,8 @@ def _split_value(value: str | None, where: str) -> str | None:
 def read_participants_table(path: Path) -> DataSource:
     """A table with one row per image (``t1w`` and optional ``mask`` paths relative to it)."""
     header, rows = read_table(path)
-    id_col = _column(header, _ID_COLUMNS)
-    img_col = _column(header, _IMAGE_COLUMNS)
+    id_col = column(header, ID_COLUMNS)
+    img_col = column(header, _IMAGE_COLUMNS)
     if id_col is None or img_col is None:
         raise InputError(
             f"{path} has columns {header}; a participants table needs 'participant_id' and "
@@ -136,7 +123,7 @@ def read_participants_table(path: Path) -> DataSource:
         where = f"{path}, row {n}"
         if not row[img_col]:
             raise InputError(f"{where}: empty {img_col!r} path")
-        age, sex = _labels(row, header, where)
+        age, sex = labels(row, header, where)
         mask = row.get("mask") or None
         records.append(ImageRecord(
             participant_id=row[id_col],
@@ -184,7 +171,7 @@ def read_bids(root: Path) -> DataSource:
     without = []
     found = _bids_images(root)
     for n, row in enumerate(rows, start=2):
-        age, sex = _labels(row, header, f"{table}, row {n}")
+        age, sex = labels(row, header, f"{table}, row {n}")
         images = found.get(bare_id(row["participant_id"]), [])
         if not images:
             without.append(row["participant_id"])
@@ -224,12 +211,12 @@ def read_camcan(root: Path, split: Path) -> DataSource:
     bids = _bids_images(root)
     for name, table in tables.items():
         header, rows = read_table(table)
-        id_col = _column(header, _ID_COLUMNS)
+        id_col = column(header, ID_COLUMNS)
         if id_col is None:
             raise InputError(f"{table} has no 'Observations' or 'participant_id' column")
         for n, row in enumerate(rows, start=2):
             ccid = bare_id(row[id_col])
-            age, sex = _labels(row, header, f"{table}, row {n}")
+            age, sex = labels(row, header, f"{table}, row {n}")
             found = _camcan_image(root, ccid, bids)
             if found is None:
                 missing.append(ccid)
@@ -265,14 +252,14 @@ def read_split_source(split: Path) -> dict[str, str]:
     if split.is_dir():
         for name, table in split_tables(split).items():
             header, rows = read_table(table)
-            id_col = _column(header, _ID_COLUMNS)
+            id_col = column(header, ID_COLUMNS)
             if id_col is None:
                 raise InputError(f"{table} has no 'participant_id' or 'Observations' column")
             for row in rows:
                 _assign(assignment, bare_id(row[id_col]), name, split)
         return assignment
     header, rows = read_table(split)
-    id_col = _column(header, _ID_COLUMNS)
+    id_col = column(header, ID_COLUMNS)
     if id_col is None or "split" not in header:
         raise InputError(f"{split} needs 'participant_id' and 'split' columns, has {header}")
     for n, row in enumerate(rows, start=2):

@@ -20,18 +20,27 @@ file, row and column (:mod:`brainbag.tables`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from brainbag.discover import Demographics, Discovery, ScanInput
 from brainbag.errors import UsageError
 from brainbag.io import subject_name
-from brainbag.tables import parse_age, parse_sex, read_table
+from brainbag.tables import (
+    ID_COLUMNS,
+    SEX_COLUMNS,
+    column,
+    labels,
+    parse_age,
+    parse_sex,
+    read_table,
+)
 
-_ID_COLUMNS = ("participant_id", "subject", "subject_id", "observations")
 _SESSION_COLUMNS = ("session_id", "session")
 _PATH_COLUMNS = ("t1w", "image", "path", "filename")
-_SEX_COLUMNS = ("sex", "gender", "gender_text", "gender_code")
+K = TypeVar("K", bound=Hashable)
 
 
 def _bare(text: str | None, prefix: str) -> str | None:
@@ -39,10 +48,6 @@ def _bare(text: str | None, prefix: str) -> str | None:
         return None
     text = text.strip()
     return text[len(prefix):] if text.startswith(prefix) else text
-
-
-def _column(header: list[str], names: tuple[str, ...]) -> str | None:
-    return next((c for c in names if c in header), None)
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,18 @@ class _Row:
 
 def _row_people(row: dict[str, str], header: list[str], table: Path, number: int) -> _Row:
     where = f"{table}, row {number}"
-    age = parse_age(row.get("age"), where) if "age" in header else None
-    sex_col = _column(header, _SEX_COLUMNS)
-    sex = parse_sex(row.get(sex_col), where, sex_col) if sex_col else None
-    return _Row(Demographics(age, sex, f"{table}, row {number}"), where)
+    age, sex = labels(row, header, where)
+    return _Row(Demographics(age, sex, where), where)
+
+
+def _index(table: Path, key_column: str, key: Callable[[str], K]) -> dict[K, _Row]:
+    """The rows of an optional table (absent: {}) with a value in ``key_column``, by
+    ``key(value)``."""
+    if not table.is_file():
+        return {}
+    header, rows = read_table(table)
+    return {key(row[key_column]): _row_people(row, header, table, number)
+            for number, row in enumerate(rows, start=2) if row.get(key_column)}
 
 
 class ParticipantsTable:
@@ -65,14 +78,14 @@ class ParticipantsTable:
     def __init__(self, path: Path) -> None:
         self.path = path
         header, rows = read_table(path)
-        id_col = _column(header, _ID_COLUMNS)
-        path_col = _column(header, _PATH_COLUMNS)
-        self.session_col = _column(header, _SESSION_COLUMNS)
+        id_col = column(header, ID_COLUMNS)
+        path_col = column(header, _PATH_COLUMNS)
+        self.session_col = column(header, _SESSION_COLUMNS)
         if id_col is None and path_col is None:
             raise UsageError(f"--participants {path} has columns {header}; it needs "
                              "'participant_id' (or an image path column 't1w') and 'age' "
                              "and/or 'sex'")
-        if "age" not in header and _column(header, _SEX_COLUMNS) is None:
+        if "age" not in header and column(header, SEX_COLUMNS) is None:
             raise UsageError(f"--participants {path} has columns {header}; it needs an 'age' "
                              "and/or a 'sex' column")
         self.by_path: dict[Path, _Row] = {}
@@ -110,39 +123,20 @@ class ParticipantsTable:
         return None
 
 
-def _bids_table(path: Path) -> tuple[list[str], list[dict[str, str]]] | None:
-    return read_table(path) if path.is_file() else None
-
-
 class BidsTables:
-    """A BIDS dataset's participants, sessions and scans tables."""
+    """A BIDS dataset's participants, sessions and scans tables (each read once)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.participants: dict[str, _Row] = {}
-        table = root / "participants.tsv"
-        found = _bids_table(table)
-        if found is not None:
-            header, rows = found
-            for number, row in enumerate(rows, start=2):
-                if row.get("participant_id"):
-                    self.participants[_bare(row["participant_id"], "sub-") or ""] = \
-                        _row_people(row, header, table, number)
+        self.participants = _index(root / "participants.tsv", "participant_id",
+                                   lambda v: _bare(v, "sub-") or "")
         self._sessions: dict[str, dict[str, _Row]] = {}
         self._scans: dict[Path, dict[Path, _Row]] = {}
 
     def sessions(self, subject: str) -> dict[str, _Row]:
         if subject not in self._sessions:
-            table = self.root / subject / f"{subject}_sessions.tsv"
-            rows: dict[str, _Row] = {}
-            found = _bids_table(table)
-            if found is not None:
-                header, lines = found
-                for number, row in enumerate(lines, start=2):
-                    if row.get("session_id"):
-                        rows[_bare(row["session_id"], "ses-") or ""] = _row_people(
-                            row, header, table, number)
-            self._sessions[subject] = rows
+            self._sessions[subject] = _index(self.root / subject / f"{subject}_sessions.tsv",
+                                             "session_id", lambda v: _bare(v, "ses-") or "")
         return self._sessions[subject]
 
     def scans(self, item: ScanInput) -> _Row | None:
@@ -150,15 +144,7 @@ class BidsTables:
         prefix = item.subject + (f"_{item.session}" if item.session else "")
         table = folder / f"{prefix}_scans.tsv"
         if table not in self._scans:
-            rows: dict[Path, _Row] = {}
-            found = _bids_table(table)
-            if found is not None:
-                header, lines = found
-                for number, row in enumerate(lines, start=2):
-                    if row.get("filename"):
-                        rows[(folder / row["filename"]).resolve()] = _row_people(
-                            row, header, table, number)
-            self._scans[table] = rows
+            self._scans[table] = _index(table, "filename", lambda v: (folder / v).resolve())
         return self._scans[table].get(item.path.resolve())
 
     def find(self, item: ScanInput) -> Demographics | None:

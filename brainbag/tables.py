@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from brainbag.errors import InputError
@@ -20,6 +21,9 @@ MALE = {"m", "male", "man"}
 MISSING = {"", "n/a", "na", "nan", "none", "-", "unknown", "?"}
 #: the youngest and oldest ages (years) accepted as plausible in any table
 AGE_LIMITS = (0.0, 150.0)
+#: columns naming a participant, and a participant's sex, first found wins
+ID_COLUMNS = ("participant_id", "observations", "subject", "subject_id")
+SEX_COLUMNS = ("sex", "gender", "gender_text", "gender_code")
 
 
 def parse_age(value: str | None, where: str, column: str = "age") -> float | None:
@@ -86,3 +90,18 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path} could not be read as a table ({exc})") from exc
     return header, rows
+
+
+def column(header: Sequence[str], names: Sequence[str]) -> str | None:
+    """The first of ``names`` that is a column of ``header``."""
+    return next((c for c in names if c in header), None)
+
+
+def labels(row: dict[str, str], header: Sequence[str], where: str
+           ) -> tuple[float | None, str | None]:
+    """A row's age (``age`` column) and sex (the first of :data:`SEX_COLUMNS`), None where the
+    table has no such column or the value is missing."""
+    age = parse_age(row.get("age"), where) if "age" in header else None
+    sex_col = column(header, SEX_COLUMNS)
+    sex = parse_sex(row.get(sex_col), where, sex_col) if sex_col else None
+    return age, sex
