@@ -326,6 +326,23 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def manifest_entry(spec: str | None, rf: int | None, manifests: Sequence[Path] = ()
+                   ) -> WeightsEntry | None:
+    """The manifest entry ``--weights ID`` names, or without an id the default for ``rf`` (9
+    when not given; None when there is none). An unknown id is an error."""
+    catalog = load_catalog(manifests)
+    if spec is None:
+        return catalog.default_for(rf or 9)
+    if spec not in catalog.entries:
+        known = ", ".join(catalog.entries) or "none"
+        raise WeightsError(
+            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
+            f"{known}; manifests: {', '.join(str(m) for m in catalog.manifests)}); pass a "
+            ".safetensors path, or an id from `brainbag weights list`"
+        )
+    return catalog.entries[spec]
+
+
 def resolve_weights(
     spec: str | None,
     rf: int | None,
@@ -343,24 +360,13 @@ def resolve_weights(
         _check_path(path)
         return ResolvedWeights(path=path)
 
-    catalog = load_catalog(manifests)
-    if spec is None:
-        entry = catalog.default_for(rf or 9)
-        if entry is None:
-            raise WeightsError(
-                f"no trained weights are installed for RF {rf or 9}: brainbag {__version__} "
-                "ships none yet, so it will not print an age. Pass --weights FILE.safetensors "
-                "(a file written by `brainbag train`) or --weights ID from a manifest (--manifest "
-                f"FILE or ${ENV_MANIFEST}; see `brainbag weights list` and 'Weights' in the README)"
-            )
-    elif spec in catalog.entries:
-        entry = catalog.entries[spec]
-    else:
-        known = ", ".join(catalog.entries) or "none"
+    entry = manifest_entry(spec, rf, manifests)
+    if entry is None:
         raise WeightsError(
-            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
-            f"{known}; manifests: {', '.join(str(m) for m in catalog.manifests)}); pass a "
-            ".safetensors path, or an id from `brainbag weights list`"
+            f"no trained weights are installed for RF {rf or 9}: brainbag {__version__} "
+            "ships none yet, so it will not print an age. Pass --weights FILE.safetensors "
+            "(a file written by `brainbag train`) or --weights ID from a manifest (--manifest "
+            f"FILE or ${ENV_MANIFEST}; see `brainbag weights list` and 'Weights' in the README)"
         )
     if rf is not None and entry.rf != rf:
         raise UsageError(
@@ -403,15 +409,9 @@ def input_expectations(
     if spec is not None and _looks_like_path(spec):
         meta = read_meta(Path(spec).expanduser())
         return InputExpectations(meta.voxel_mm, meta.view, meta.id)
-    catalog = load_catalog(manifests)
-    entry = catalog.default_for(rf or 9) if spec is None else catalog.entries.get(spec)
+    entry = manifest_entry(spec, rf, manifests)
     if entry is None:
-        if spec is None:
-            return InputExpectations()
-        raise WeightsError(
-            f"--weights {spec!r} is neither a file nor a weights id in the manifests (known ids: "
-            f"{', '.join(catalog.entries) or 'none'}); pass a .safetensors path or an id from "
-            "`brainbag weights list`")
+        return InputExpectations()
     pre = entry.preprocessing or {}
     view = pre.get("view_xyz")
     return InputExpectations(float(pre.get("voxel_mm", 1.0)),
