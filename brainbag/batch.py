@@ -70,13 +70,27 @@ class ResultsTable:
         write_tsv_atomic(self.path, list(self.rows.values()))
 
 
-def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless the run resumes or overwrites it."""
+def check_output_folder(out: Path, resume: bool, overwrite: bool,
+                        shard: tuple[str, Path] | None = None) -> None:
+    """Refuse a non-empty output folder unless the run resumes or overwrites it.
+
+    ``shard`` (its name and table): the folder may hold other shards' results, and this shard's
+    own table only with ``--resume`` or ``--overwrite``."""
     if resume and overwrite:
         raise UsageError("give --resume or --overwrite, not both")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    if shard is not None:
+        name, table = shard
+        if (out / TSV_NAME).exists() and not table.parent.is_dir():
+            raise UsageError(f"output folder {out} holds the results of an ordinary run "
+                             f"({TSV_NAME}, no {table.parent.name}/): shard into another --out")
+        if table.exists() and not (resume or overwrite):
+            raise UsageError(
+                f"shard {name} already ran in {out} ({table}): pass --resume to finish it, "
+                "--overwrite to redo its inputs, or choose another --out")
+        return
     if resume or overwrite or not out.exists():
         return
     if any(p.name != LOCK_NAME for p in out.iterdir()):

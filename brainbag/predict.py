@@ -82,7 +82,7 @@ from brainbag.outputs import (
 )
 from brainbag.preprocess import Conformed, conform, load_mask
 from brainbag.shards import MergeResult, Shard, ShardState
-from brainbag.weights import LoadedWeights, open_weights
+from brainbag.weights import LoadedWeights, WeightsMeta, open_weights
 
 MapSpace = Literal["model", "input"]
 
@@ -137,20 +137,23 @@ class WeightsProvider:
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def voxel_mm(self) -> float:
-        """The voxel size inputs are conformed to: the weights' own (1 mm if they cannot be
-        loaded: the inference stage then reports why)."""
+    def _meta(self) -> WeightsMeta | None:
+        """The weights' metadata, None when they cannot be loaded (the inference stage then
+        reports why)."""
         try:
-            return self.get().meta.voxel_mm
-        except BrainbagError:
-            return 1.0
-
-    def view(self) -> tuple[int, int, int] | None:
-        """The brain view of the weights (None when they cannot be loaded, or have none)."""
-        try:
-            return self.get().meta.view
+            return self.get().meta
         except BrainbagError:
             return None
+
+    def voxel_mm(self) -> float:
+        """The voxel size inputs are conformed to: the weights' own (1 mm without weights)."""
+        meta = self._meta()
+        return meta.voxel_mm if meta is not None else 1.0
+
+    def view(self) -> tuple[int, int, int] | None:
+        """The brain view of the weights (None without weights, or when they have none)."""
+        meta = self._meta()
+        return meta.view if meta is not None else None
 
     def get(self) -> LoadedWeights:
         with self._lock:
@@ -778,9 +781,7 @@ def _run_shard(discovery: Discovery, settings: PredictSettings,
             settings = replace(settings, inference=replace(
                 settings.inference, device=f"cuda:{shard.local_rank}"))
     if not discovery.items:
-        where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
-                 else "(.nii, .nii.gz, .mgz)")
-        raise UsageError(f"no T1 image found in {discovery.root} {where}")
+        raise _no_images(discovery)
     mine = replace(discovery, items=assign(discovery.items, shard))
     with OutputLock(settings.out, shared=True), OutputLock(
             Path(settings.out) / SHARDS_DIR, name=f".{shard.name}.lock",
@@ -815,14 +816,10 @@ class BatchRun:
         if settings.png is None:
             settings = replace(settings, png=discovery.batch or shard is not None)
         self.shard = shard
-        if shard is None:
-            check_output_folder(settings.out, settings.resume, settings.overwrite)
-        else:
-            _check_shard_folder(settings, shard[0])
-        if not discovery.items and shard is None:
-            where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
-                     else "(.nii, .nii.gz, .mgz)")
-            raise UsageError(f"no T1 image found in {discovery.root} {where}")
+        check_output_folder(settings.out, settings.resume, settings.overwrite,
+                            (shard[0].name, shard[0].table(settings.out)) if shard else None)
+        if not discovery.items and shard is None:  # a shard may have none: N > inputs
+            raise _no_images(discovery)
         self.discovery = discovery
         self.settings = settings
         self.observer = observer
@@ -870,9 +867,8 @@ class BatchRun:
         finally:
             if writer is not None:
                 writer.shutdown(wait=True, cancel_futures=True)
-            if state is not None:
-                pass  # the merged index.html is written by the merge
-            elif (self.wrote or done) and settings.png:
+            # a shard leaves index.html to the merge
+            if state is None and (self.wrote or done) and settings.png:
                 from brainbag.report import write_index
 
                 write_index(settings.out, list(self.table.rows.values()))
@@ -894,13 +890,9 @@ class BatchRun:
 
     def _finish_shard(self, state: ShardState) -> None:
         """Mark the shard complete; the last one to finish merges the shards' tables."""
-        import datetime
-
         from brainbag.shards import MergeError, all_finished, merge
 
-        state.state = "complete"
-        state.finished = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        state.save(self.settings.out)
+        state.finish(self.settings.out)
         if all_finished(self.settings.out):
             try:
                 self.merged = merge(self.settings.out)
@@ -982,21 +974,10 @@ class BatchRun:
             self.table.save()
 
 
-def _check_shard_folder(settings: PredictSettings, shard: Shard) -> None:
-    """A shard's output folder may hold other shards' results; its own table only with
-    ``--resume`` or ``--overwrite``."""
-    if settings.resume and settings.overwrite:
-        raise UsageError("give --resume or --overwrite, not both")
-    out = Path(settings.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if (out / "predictions.tsv").exists() and not (out / "shards").is_dir():
-        raise UsageError(f"output folder {out} holds the results of an ordinary run "
-                         "(predictions.tsv, no shards/): shard into another --out")
-    if shard.table(out).exists() and not (settings.resume or settings.overwrite):
-        raise UsageError(
-            f"shard {shard.name} already ran in {out} ({shard.table(out)}): pass --resume to "
-            "finish it, --overwrite to redo its inputs, or choose another --out")
+def _no_images(discovery: Discovery) -> UsageError:
+    where = ("(BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz])" if discovery.kind == "bids"
+             else "(.nii, .nii.gz, .mgz)")
+    return UsageError(f"no T1 image found in {discovery.root} {where}")
 
 
 def _write_dataset_description(out: Path, discovery: Discovery) -> None:

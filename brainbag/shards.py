@@ -152,6 +152,11 @@ class ShardState:
     def save(self, out: Path) -> None:
         write_json_atomic(Shard(self.shard, self.count).state(out), self.__dict__)
 
+    def finish(self, out: Path) -> None:
+        """Mark the shard complete, now, and save its state."""
+        self.state, self.finished = "complete", _now()
+        self.save(out)
+
     @classmethod
     def load(cls, path: Path) -> ShardState:
         try:
