@@ -20,11 +20,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the table and JSON writers need neither
+    import nibabel as nib
 
 TSV_COLUMNS = (
     "subject", "session", "path", "input_sha256", "status", "age", "p_female", "sex_call",
@@ -85,6 +86,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:
+    import nibabel as nib
+
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
 
@@ -97,6 +100,8 @@ def brain_cells(
     The cell of map voxel ``i`` spans conformed voxels ``[stride*i + offset - stride/2,
     stride*i + offset + stride/2)`` along each axis.
     """
+    import torch
+
     from brainbag.model import cell_weights
 
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
