@@ -556,6 +556,8 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer:
     from rich.markup import escape
     from rich.table import Table
 
+    from brainbag.report import number
+
     if len(records) == 1 and records[0].get("status") == "ok":
         _print_one(console, records[0])
         if footer:
@@ -586,22 +588,23 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer:
         if r.get("warnings") and status == "ok":
             shown += " [yellow](warnings)[/]"
         interval = "-"
-        if _number(r.get("age_interval_low"), 0) != "-":
-            interval = (f"{_number(r.get('age_interval_low'), 0)}-"
-                        f"{_number(r.get('age_interval_high'), 0)}")
+        if number(r.get("age_interval_low"), 0) != "-":
+            interval = (f"{number(r.get('age_interval_low'), 0)}-"
+                        f"{number(r.get('age_interval_high'), 0)}")
         sex = "-"
-        if _number(r.get("p_female"), 2) != "-":
-            sex = f"{r.get('sex_call') or '?'} ({_number(r.get('p_female'), 2)})"
+        if number(r.get("p_female"), 2) != "-":
+            sex = f"{r.get('sex_call') or '?'} ({number(r.get('p_female'), 2)})"
         table.add_row(
             escape(str(r.get("subject"))),
             *([escape(str(r.get("session") or ""))] if sessions else []),
-            _number(r.get("age"), 1),
+            number(r.get("age"), 1),
             interval,
             sex,
-            *([_number(r.get("chronological_age"), 1), _signed(r.get("brain_age_gap")),
-               _signed(r.get("brain_age_gap_corrected"))] if people else []),
+            *([number(r.get("chronological_age"), 1),
+               number(r.get("brain_age_gap"), 1, sign=True),
+               number(r.get("brain_age_gap_corrected"), 1, sign=True)] if people else []),
             str(r.get("rf") or "-"),
-            _number(r.get("seconds"), 1),
+            number(r.get("seconds"), 1),
             shown,
         )
     console.print(table)
@@ -616,6 +619,8 @@ def _print_one(console: Any, r: dict[str, Any]) -> None:
     """One prediction as a person's numbers, one per line, each with how far to trust it."""
     from rich.markup import escape
     from rich.table import Table
+
+    from brainbag.report import number
 
     reading = r.get("reading") or {}
     methods = reading.get("methods") or {}
@@ -638,11 +643,12 @@ def _print_one(console: Any, r: dict[str, Any]) -> None:
         table.add_row("chronological age", f"{r['chronological_age']:.1f} y",
                       escape(str(reading.get("demographics_source") or "")))
     if r.get("brain_age_gap") is not None:
-        table.add_row("brain-age gap", f"{_signed(r['brain_age_gap'])} y",
+        table.add_row("brain-age gap", f"{number(r['brain_age_gap'], 1, sign=True)} y",
                       "predicted - chronological")
     if r.get("brain_age_gap_corrected") is not None:
         sd = (methods.get("brain_age_gap_corrected") or {}).get("corrected_gap_sd")
-        table.add_row("bias-corrected gap", f"{_signed(r['brain_age_gap_corrected'])} y",
+        table.add_row("bias-corrected gap",
+                      f"{number(r['brain_age_gap_corrected'], 1, sign=True)} y",
                       "de Lange & Cole 2020" + (f"; SD {sd:.1f} y in healthy held-out adults"
                                                 if sd else ""))
     if r.get("recorded_sex") is not None:
@@ -677,20 +683,6 @@ def _model_worth(records: list[dict[str, Any]]) -> str:
                 + "; sex is 'undetermined' when P(female) is near 0.5; read the interval, "
                 "not the single number (README: Reading the numbers)")
     return ""
-
-
-def _signed(value: Any) -> str:
-    try:
-        return f"{float(value):+.1f}"
-    except (TypeError, ValueError):
-        return "-"
-
-
-def _number(value: Any, digits: int) -> str:
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return "-"
 
 
 weights_app = typer.Typer(

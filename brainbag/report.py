@@ -199,10 +199,7 @@ def save_overlay_png(
 
 
 def _signed(value: Any) -> str:
-    try:
-        return f"{float(value):+.1f} y"
-    except (TypeError, ValueError):
-        return "-"
+    return f"{number(value, 1, sign=True)} y"
 
 
 def reading_text(row: dict[str, Any]) -> tuple[str, str]:
@@ -210,17 +207,17 @@ def reading_text(row: dict[str, Any]) -> tuple[str, str]:
     gap line, from a record or a predictions.tsv row (values may be strings)."""
     parts = []
     if _present(row.get("age")):
-        age = f"age {_num(row.get('age'), 1)} y"
+        age = f"age {number(row.get('age'), 1)} y"
         if _present(row.get("age_interval_low")):
-            age += (f" (90% interval {_num(row.get('age_interval_low'), 0)}-"
-                    f"{_num(row.get('age_interval_high'), 0)})")
+            age += (f" (90% interval {number(row.get('age_interval_low'), 0)}-"
+                    f"{number(row.get('age_interval_high'), 0)})")
         parts.append(age)
     if _present(row.get("p_female")):
         call = row.get("sex_call") or "-"
-        parts.append(f"sex {call} (P(female) {_num(row.get('p_female'), 2)})")
+        parts.append(f"sex {call} (P(female) {number(row.get('p_female'), 2)})")
     gap = ""
     if _present(row.get("chronological_age")):
-        gap = f"chronological age {_num(row.get('chronological_age'), 1)} y"
+        gap = f"chronological age {number(row.get('chronological_age'), 1)} y"
         if _present(row.get("brain_age_gap")):
             gap += f" · gap {_signed(row.get('brain_age_gap'))}"
         if _present(row.get("brain_age_gap_corrected")):
@@ -329,8 +326,10 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
     return path
 
 
-def _num(value: Any, digits: int) -> str:
+def number(value: Any, digits: int, sign: bool = False) -> str:
+    """``value`` (a number or a table cell's text) with ``digits`` decimals, signed with
+    ``sign``; "-" when it is not a number."""
     try:
-        return f"{float(value):.{digits}f}"
+        return f"{float(value):{'+' if sign else ''}.{digits}f}"
     except (TypeError, ValueError):
         return "-"
