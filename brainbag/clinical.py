@@ -135,6 +135,11 @@ def fit_calibration(
     return out
 
 
+#: the fields of a :class:`Reading` in predictions.tsv, in the table's order
+READING_COLUMNS = ("sex_call", "age_interval_low", "age_interval_high", "chronological_age",
+                   "recorded_sex", "brain_age_gap", "brain_age_gap_corrected", "map_spread")
+
+
 @dataclass
 class Reading:
     """One prediction read for a person (the fields written to prediction.json and the table)."""
@@ -153,16 +158,8 @@ class Reading:
     def columns(self) -> dict[str, Any]:
         """The predictions.tsv columns of this reading."""
         lo, hi = self.age_interval or (None, None)
-        return {
-            "chronological_age": self.chronological_age,
-            "recorded_sex": self.recorded_sex,
-            "brain_age_gap": self.brain_age_gap,
-            "brain_age_gap_corrected": self.brain_age_gap_corrected,
-            "age_interval_low": lo,
-            "age_interval_high": hi,
-            "map_spread": self.map_spread,
-            "sex_call": self.sex_call,
-        }
+        values = {"age_interval_low": lo, "age_interval_high": hi}
+        return {k: values[k] if k in values else getattr(self, k) for k in READING_COLUMNS}
 
 
 def sex_call(p_female: float | None, calibration: dict[str, Any] | None) -> str | None:

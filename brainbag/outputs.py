@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from brainbag.clinical import READING_COLUMNS
+
 if TYPE_CHECKING:  # imported where used: the table and JSON writers need neither
     import nibabel as nib
 
 TSV_COLUMNS = (
-    "subject", "session", "path", "input_sha256", "status", "age", "p_female", "sex_call",
-    "age_interval_low", "age_interval_high", "chronological_age", "recorded_sex",
-    "brain_age_gap", "brain_age_gap_corrected", "map_spread", "rf", "weights_id",
-    "weights_sha256", "mode", "warnings", "error", "seconds", "output",
+    "subject", "session", "path", "input_sha256", "status", "age", "p_female", *READING_COLUMNS,
+    "rf", "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds", "output",
 )
 
 

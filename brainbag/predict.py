@@ -44,7 +44,13 @@ from brainbag.batch import (
     timed,
 )
 from brainbag.checks import CheckOptions, run_checks
-from brainbag.clinical import Reading, map_spread, model_figures, read_prediction
+from brainbag.clinical import (
+    READING_COLUMNS,
+    Reading,
+    map_spread,
+    model_figures,
+    read_prediction,
+)
 from brainbag.demographics import add_demographics
 from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_description, discover
 from brainbag.errors import (
@@ -627,7 +633,7 @@ def tsv_record(record: dict[str, Any]) -> dict[str, Any]:
         "status": record.get("status", "ok"),
         "age": record.get("age"),
         "p_female": record.get("p_female"),
-        **{k: record.get(k) for k in Reading().columns()},
+        **{k: record.get(k) for k in READING_COLUMNS},
         "rf": record.get("rf"),
         "weights_id": weights.get("id"),
         "weights_sha256": weights.get("sha256"),
