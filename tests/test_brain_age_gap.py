@@ -286,3 +286,26 @@ def test_the_plain_progress_line_carries_the_gap(tmp_path: Path, calibrated: Pat
     assert (f"gap {record['brain_age_gap']:+.1f} (corrected "
             f"{record['brain_age_gap_corrected']:+.1f})") in lines["a"]
     assert "gap" not in lines["b"]  # no age, no gap
+
+
+def test_a_contradicted_recorded_sex_is_flagged_end_to_end(tmp_path: Path, tiny_weights
+                                                           ) -> None:
+    """The random network's P(female) sits near 0.5, so the flags test above only sees the
+    flag absent. With thresholds taken from the weights (0.99 / 0.01), the same scan's recorded
+    sex is always contradicted: the flag must reach the JSON, the table and the console."""
+    loaded = load_weights(tiny_weights())
+    meta = loaded.meta
+    meta.calibration = {**CALIBRATION, "sex": {"undetermined": [0.35, 0.65],
+                                               "mismatch_recorded_female_below": 0.99,
+                                               "mismatch_recorded_male_above": 0.01}}
+    strict = tmp_path / "strict.safetensors"
+    save_weights(strict, loaded.model, meta)
+    scan = brain(tmp_path / "s.nii.gz")
+    for sex in ("F", "M"):
+        out = tmp_path / f"o-{sex}"
+        result = predict(scan, "--weights", strict, "--out", out, "--sex", sex, *FAST)
+        assert result.exit_code == 0, result.output
+        flag = f"recorded sex {sex} but P(female) is"
+        assert any(flag in w for w in _json(out, "s")["warnings"])
+        assert flag in read_tsv(out / "predictions.tsv")[0]["warnings"]
+        assert "mislabelled or swapped" in " ".join(result.output.split())
