@@ -224,6 +224,10 @@ def read_prediction(
                                f"weights {weights_id} carry no bias correction: raw gap only")
         if age_range:
             lo, hi = float(age_range[0]), float(age_range[1])
+            if not lo <= age <= hi:
+                r.warnings.append(
+                    f"predicted age {age:.1f} y lies outside the training age range {lo:g}-"
+                    f"{hi:g} y of weights {weights_id}: an extrapolation, trust it less")
             if chronological_age is not None and not lo <= chronological_age <= hi:
                 r.warnings.append(
                     f"chronological age {chronological_age:g} y lies outside the training age "

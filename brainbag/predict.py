@@ -383,17 +383,10 @@ class Predictor:
                 "bench/view_agreement.py); use --mode auto")
         result = run_weights(weights, conformed, inference)
         heads = interpret(result, weights)
-        age_range = meta.training.get("age_range")
-        if heads.age_global is not None and age_range:
-            lo, hi = float(age_range[0]), float(age_range[1])
-            if not lo <= heads.age_global <= hi:
-                warnings.append(
-                    f"predicted age {heads.age_global:.1f} y lies outside the training age range "
-                    f"{lo:g}-{hi:g} y of weights {weights.id}: an extrapolation, trust it less")
         people = prepared.item.demographics
         reading = read_prediction(
             heads.age_global, heads.p_female, map_spread(heads.age, result.brain), people.age,
-            people.sex, meta.calibration, age_range, weights.id)
+            people.sex, meta.calibration, meta.training.get("age_range"), weights.id)
         warnings += reading.warnings
         return Inferred(result, heads, weights, warnings, time.perf_counter() - t0, reading)
 

@@ -163,3 +163,13 @@ def test_the_shipped_weights_carry_their_calibration() -> None:
     assert 0.05 < cal["bias_correction"]["slope"] < 1.0
     assert cal["age_interval"]["level"] == 0.9 and cal["age_interval"]["half_width_years"] > 0
     assert cal["map_spread"]["p5"] < cal["map_spread"]["median"] < cal["map_spread"]["p95"]
+
+
+@pytest.mark.parametrize(("age", "flagged"), [(19.9, True), (20.0, False), (80.0, False),
+                                              (80.1, True)])
+def test_predicted_age_outside_the_training_range_is_flagged(age, flagged) -> None:
+    r = read_prediction(age=age, p_female=None, spread=None, chronological_age=None,
+                        recorded_sex=None, calibration={}, age_range=(20.0, 80.0),
+                        weights_id="w")
+    assert any(w.startswith(f"predicted age {age:.1f} y lies outside the training age range "
+                            "20-80 y of weights w") for w in r.warnings) == flagged
