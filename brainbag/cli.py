@@ -403,7 +403,7 @@ def _print_shards(console: Any, out: Path) -> None:
     states = shard_states(out)
     done = sum(1 for s in states if s.state == "complete")
     count = max((s.count for s in states), default=0)
-    if all_finished(out):
+    if all_finished(out, states):
         try:
             merge(out, write=False)
         except BrainbagError as exc:  # the shards do not belong together

@@ -209,9 +209,10 @@ def shard_states(out: Path) -> list[ShardState]:
     return [ShardState.load(p) for p in sorted(folder.glob("*-of-*.json"))]
 
 
-def all_finished(out: Path) -> bool:
-    """True when every shard of the one shard count in ``out`` has finished."""
-    states = shard_states(out)
+def all_finished(out: Path, states: Sequence[ShardState] | None = None) -> bool:
+    """True when every shard of the one shard count in ``out`` has finished (``states``: the
+    states already read from ``out``)."""
+    states = shard_states(out) if states is None else states
     if not states or len({s.count for s in states}) != 1:
         return False
     return ({s.shard for s in states} == set(range(1, states[0].count + 1))
