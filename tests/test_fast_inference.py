@@ -75,16 +75,43 @@ def test_folded_stem_is_the_two_stem_convolutions(padding: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_instance_stats_are_float32_accurate_with_a_large_offset(dtype, layout) -> None:
-    """Mean 40 std 0.5 (ratio 80): a naive sum-of-squares variance would lose it."""
+@pytest.mark.parametrize("shape", [(2, 5, 70, 61, 53), (1, 32, 70, 61, 53)])
+def test_instance_stats_are_float32_accurate_with_a_large_offset(dtype, layout, shape) -> None:
+    """Mean 40 std 0.5 (ratio 80): a naive sum-of-squares variance would lose it. 32 channels
+    of 226,310 voxels: whole pieces of the channels-last kernel calls and a remainder."""
     torch.manual_seed(2)
-    x = (torch.randn(2, 5, 70, 61, 53, dtype=torch.float64) * 0.5 + 40).to(dtype)
+    x = (torch.randn(*shape, dtype=torch.float64) * 0.5 + 40).to(dtype)
     x = x.contiguous(memory_format=CL) if layout == "channels_last" else x.contiguous()
     mean, rstd = instance_stats(x)
     var_ref, mean_ref = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
-    assert mean.dtype == torch.float32 and mean.shape == (2, 5)
+    assert mean.dtype == torch.float32 and mean.shape == shape[:2]
     np.testing.assert_allclose(mean.numpy(), mean_ref.numpy(), rtol=1e-6)
     np.testing.assert_allclose(rstd.numpy(), torch.rsqrt(var_ref + 1e-5).numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("rf, padding", [(9, "same"), (177, "same"), (33, "valid")])
+def test_folded_norms_compute_the_unfolded_function(rf: int, padding: str, monkeypatch) -> None:
+    """On CPU the fast path folds every norm whose consumers are convolutions (issue 17): the
+    stem's and the two inside each block. float64, odd and even sizes, so the border
+    correction of the padded (strided) 3x3x3 convolutions is checked to rounding."""
+    from brainbag import model as M
+
+    folded = []
+    fold = M._norm_relu_folded
+    monkeypatch.setattr(M, "_norm_relu_folded", lambda y: folded.append(y.shape) or fold(y))
+    torch.manual_seed(rf)
+    model = BagNet3D(BagNetConfig.for_rf(rf, width=4, padding=padding)).double().eval()
+    n = 41 if rf < 177 else 180
+    x = torch.randn(2, 1, n, n + 4, n - 7, dtype=torch.float64) * 3 + 1
+    with torch.inference_mode():
+        on = model(x)
+        assert len(folded) == 2 * (1 + 2 * 16)  # two samples: stem + 2 per block
+        model.fold_norms = False
+        off = model(x)
+    assert len(folded) == 2 * 33
+    ref = model(x).detach()
+    np.testing.assert_allclose(on.numpy(), off.numpy(), rtol=0, atol=1e-9 * ref.abs().max())
+    np.testing.assert_allclose(on.numpy(), ref.numpy(), rtol=0, atol=1e-9 * ref.abs().max())
 
 
 def test_autograd_uses_the_module_path_and_reaches_every_parameter() -> None:
@@ -192,8 +219,8 @@ def test_every_fast_path_activation_is_channels_last(dtype, monkeypatch) -> None
     seen = []
     conv = M.conv3d_fast
 
-    def spy(x, weight, stride, padding):
-        out = conv(x, weight, stride, padding)
+    def spy(x, weight, stride, padding, bias=None):
+        out = conv(x, weight, stride, padding, bias)
         seen.append((x.is_contiguous(memory_format=CL), out.is_contiguous(memory_format=CL)))
         return out
 
