@@ -21,8 +21,10 @@ and backends) and times SFCN (bench/sfcn.py) as a peer anchor.
   and how much is everything else (norm statistics, scale-and-shift, ReLU, copies).
 * peak memory: the peak resident set of the worker process (``ru_maxrss``: model, volume, torch
   runtime and all), each configuration in a fresh process; on CUDA the peak allocated GPU memory.
-* variants: ``fast`` (the default inference path), ``naive`` (the module-by-module path as before
-  the speed work, without transparent huge pages), and ablations that switch one optimisation off:
+* variants: ``fast`` (the default inference path), ``unfolded`` (the fast path before issue 17:
+  each InstanceNorm + ReLU as its own scale-and-shift and ReLU passes instead of folded into the
+  next convolution), ``naive`` (the module-by-module path as before the speed work, without
+  transparent huge pages), and ablations that switch one optimisation off:
   ``no-thp``, ``no-fold`` (stem as two convolutions), ``stock-norm`` (torch's instance_norm),
   ``ncdhw`` (the same oneDNN convolutions and norms on NCDHW tensors); and ``compile``:
   ``torch.compile`` (inductor) of the module path, whose compile time shows in "first" (needs a
@@ -50,7 +52,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VOLUME = (182, 218, 182)
-VARIANTS = ("fast", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw", "compile")
+VARIANTS = ("fast", "unfolded", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw", "compile")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -131,6 +133,7 @@ def worker_bagnet(cfg: dict[str, Any]) -> dict[str, Any]:
     config = BagNetConfig.for_rf(cfg["rf"])
     model = BagNet3D(config).eval()
     model.fast_inference = cfg["variant"] not in ("naive", "compile")
+    model.fold_norms = cfg["variant"] not in ("unfolded", "stock-norm")
     if cfg["variant"] == "compile":
         model.features_reference = torch.compile(model.features_reference)  # type: ignore[method-assign]
     shape = tuple(cfg["shape"])
@@ -278,9 +281,10 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from brainbag.inference import resolve_threads
-
-    resolve_threads(cfg.get("threads", 0))  # as `brainbag predict --threads` does
+    if cfg.get("threads", 0) > 0:
+        torch.set_num_threads(cfg["threads"])
+    # else torch's default (one thread per physical core): not `brainbag predict`'s auto, which
+    # would follow the load average and with it this benchmark's own previous rows
     kinds = {"peak": worker_peak, "bagnet": worker_bagnet, "sfcn": worker_sfcn, "e2e": worker_e2e}
     out = kinds[cfg["kind"]](cfg)
     out["threads"] = torch.get_num_threads()
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat the sweep, interleaving configs")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: auto, as `brainbag predict --threads 0`)")
+                   help="torch threads (0: torch's default, one per physical core)")
     p.add_argument("--shape", type=int, nargs=3, default=list(VOLUME), help="volume, voxels")
     p.add_argument("--window", type=int, nargs=3, default=[160, 160, 128])
     p.add_argument("--batch-size", type=int, default=1, help="windows per pass (sliding)")
