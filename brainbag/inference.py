@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -190,20 +191,51 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def idle_cpus() -> int:
-    """CPUs of this machine that other work leaves idle: all of them minus the 1-minute load
-    average (rounded), at least 1; all of them where the load cannot be read.
+    """CPUs of this machine that other work leaves idle, at least 1: all of them minus the CPU
+    time other processes used over the last :data:`BUSY_SAMPLE_S` seconds (``/proc/stat``),
+    rounded; where that cannot be read, minus the 1-minute load average; all of them where
+    neither can be read.
 
     Measured on the shared 2-CPU VM (bench/busy_threads.py, bench/README.md): with the CPUs
     taken by other work, two threads made a predict 1.6-1.9x slower than one (3.4x in issue 16),
-    as every parallel operation waits for the thread that is not scheduled; on a nearly idle
-    machine one thread cost nothing with the bundled weights.
+    as every parallel operation waits for the thread that is not scheduled. The load average
+    alone misleads: it counts tasks waiting on I/O and lags a minute behind (it stays near 1.0
+    on that VM when idle, and after one `brainbag predict` ends the next one of a shell loop saw
+    the load of the previous and ran on 1 thread of 2).
     """
     cpus = os.cpu_count() or 1
+    busy = _busy_cpus()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return cpus
+    return max(1, cpus - int(busy + 0.5))
+
+
+BUSY_SAMPLE_S = 0.1
+
+
+def _busy_cpus(interval: float = BUSY_SAMPLE_S) -> float | None:
+    """CPUs' worth of time spent busy (all but idle and I/O wait; stolen time counts as busy)
+    over ``interval`` seconds while this process sleeps, from ``/proc/stat``; None off Linux."""
+
+    def sample() -> tuple[int, int]:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        if fields[0] != "cpu":
+            raise ValueError("no cpu line")
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return ticks[3] + ticks[4], sum(ticks)
+
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cpus
-    return max(1, cpus - int(load + 0.5))
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
 
 
 def auto_threads(default: int) -> int:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -130,7 +132,7 @@ def test_threads_auto_never_exceeds_the_cpus_this_process_may_use(monkeypatch) -
         assert inference.available_cpus() == 6
         monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: 1.0)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(inference.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setattr(inference, "_busy_cpus", lambda: 0.0)
         assert inference.resolve_threads(0) == 1 == torch.get_num_threads()
         assert inference.resolve_threads(3) == 3 == torch.get_num_threads()
     finally:
@@ -141,7 +143,8 @@ def test_threads_auto_never_exceeds_the_cpus_this_process_may_use(monkeypatch) -
 
 def test_threads_auto_leaves_the_cpus_other_work_uses(monkeypatch) -> None:
     """Issue 16: with another job on one of 2 CPUs, the default 2 threads took 150.6 s for a scan
-    that took 43.9 s with --threads 1. Auto counts the load average as CPUs taken."""
+    that took 43.9 s with --threads 1. Auto counts the CPU time other work uses as CPUs taken
+    (the load average only where /proc/stat cannot be read)."""
     from brainbag import inference
 
     before = torch.get_num_threads()
@@ -149,27 +152,58 @@ def test_threads_auto_leaves_the_cpus_other_work_uses(monkeypatch) -> None:
     monkeypatch.setattr(inference.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # an idle machine whose load average reads 1.0 (the development VM): both CPUs
+    monkeypatch.setattr(inference.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
     try:
-        for load, threads in ((0.1, 2), (0.4, 2), (0.6, 1), (1.0, 1), (1.4, 1), (5.0, 1)):
+        for busy, threads in ((0.1, 2), (0.4, 2), (0.6, 1), (1.0, 1), (1.4, 1), (2.0, 1)):
+            monkeypatch.setattr(inference, "_busy_cpus", lambda busy=busy: busy)
+            assert inference.auto_threads(2) == threads, busy
+            torch.set_num_threads(2)
+            assert inference.resolve_threads(0) == threads == torch.get_num_threads(), busy
+            assert inference.resolve_threads(2) == 2  # an explicit count is kept
+        # no /proc/stat: the load average
+        monkeypatch.setattr(inference, "_busy_cpus", lambda: None)
+        for load, threads in ((0.4, 2), (1.0, 1)):
             monkeypatch.setattr(inference.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
             assert inference.auto_threads(2) == threads, load
-            torch.set_num_threads(2)
-            assert inference.resolve_threads(0) == threads == torch.get_num_threads(), load
-            assert inference.resolve_threads(2) == 2  # an explicit count is kept
         # a container limited to 4 of a 64-CPU host's CPUs, the host half busy: 4 threads
         monkeypatch.setattr(inference.os, "cpu_count", lambda: 64)
         monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: set(range(64)))
         monkeypatch.setattr(inference, "_cgroup_cpu_quota", lambda: 4.0)
-        monkeypatch.setattr(inference.os, "getloadavg", lambda: (32.0, 0.0, 0.0))
+        monkeypatch.setattr(inference, "_busy_cpus", lambda: 32.0)
         assert inference.auto_threads(32) == 4
 
         def no_load() -> tuple[float, float, float]:
             raise OSError("no load average here")
 
+        monkeypatch.setattr(inference, "_busy_cpus", lambda: None)
         monkeypatch.setattr(inference.os, "getloadavg", no_load)
         assert inference.idle_cpus() == 64
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cpus_reads_the_cpu_time_of_other_work(tmp_path, monkeypatch) -> None:
+    """From two /proc/stat samples: busy = 1 - idle share (idle and iowait), times the CPUs."""
+    from brainbag import inference
+
+    lines = iter(["cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 ...\n",
+                  # +50 user, +10 steal, +140 idle, +0 iowait over 200 ticks of 2 CPUs
+                  "cpu  150 0 100 940 0 0 0 10 0 0\ncpu0 ...\n"])
+
+    class FakePath:
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/stat"
+
+        def read_text(self) -> str:
+            return next(lines)
+
+    monkeypatch.setattr(inference, "Path", FakePath)
+    monkeypatch.setattr(inference.os, "cpu_count", lambda: 2)
+    assert inference._busy_cpus(0.0) == pytest.approx(0.6)
+    monkeypatch.undo()
+    busy = inference._busy_cpus(0.05)  # the real file, where there is one
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
 
 
 def test_threads_also_bound_simpleitk(monkeypatch) -> None:
