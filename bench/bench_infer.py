@@ -21,10 +21,12 @@ and backends) and times SFCN (bench/sfcn.py) as a peer anchor.
   and how much is everything else (norm statistics, scale-and-shift, ReLU, copies).
 * peak memory: the peak resident set of the worker process (``ru_maxrss``: model, volume, torch
   runtime and all), each configuration in a fresh process; on CUDA the peak allocated GPU memory.
-* variants: ``fast`` (the default inference path), ``unfolded`` (the fast path before issue 17:
+* variants: ``fast`` (the default inference path), ``unfolded`` (the norms not folded:
   each InstanceNorm + ReLU as its own scale-and-shift and ReLU passes instead of folded into the
-  next convolution), ``naive`` (the module-by-module path as before the speed work, without
-  transparent huge pages), and ablations that switch one optimisation off:
+  next convolution), ``before-17`` (unfolded, and the norm statistics as chunked reductions
+  instead of the batch-norm kernel: the fast path as it was before issue 17), ``naive`` (the
+  module-by-module path as before the speed work, without transparent huge pages), and
+  ablations that switch one optimisation off:
   ``no-thp``, ``no-fold`` (stem as two convolutions), ``stock-norm`` (torch's instance_norm),
   ``ncdhw`` (the same oneDNN convolutions and norms on NCDHW tensors); and ``compile``:
   ``torch.compile`` (inductor) of the module path, whose compile time shows in "first" (needs a
@@ -52,7 +54,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VOLUME = (182, 218, 182)
-VARIANTS = ("fast", "unfolded", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw", "compile")
+VARIANTS = ("fast", "unfolded", "before-17", "naive", "no-thp", "no-fold", "stock-norm", "ncdhw",
+            "compile")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -89,6 +92,8 @@ def _apply_variant(variant: str) -> None:
 
     from brainbag import model as M
 
+    if variant == "before-17":
+        M.STATS_KERNEL = False
     if variant == "stock-norm":
         def stock(x: torch.Tensor, norm: bool, relu: bool) -> torch.Tensor:
             if norm:
@@ -133,7 +138,7 @@ def worker_bagnet(cfg: dict[str, Any]) -> dict[str, Any]:
     config = BagNetConfig.for_rf(cfg["rf"])
     model = BagNet3D(config).eval()
     model.fast_inference = cfg["variant"] not in ("naive", "compile")
-    model.fold_norms = cfg["variant"] not in ("unfolded", "stock-norm")
+    model.fold_norms = cfg["variant"] not in ("unfolded", "before-17", "stock-norm")
     if cfg["variant"] == "compile":
         model.features_reference = torch.compile(model.features_reference)  # type: ignore[method-assign]
     shape = tuple(cfg["shape"])

@@ -397,7 +397,8 @@ def instance_stats(x: torch.Tensor, eps: float = _EPS) -> tuple[torch.Tensor, to
     """Per-sample, per-channel mean and 1/sqrt(var + eps) of ``(B, C, D, H, W)``, float32."""
     b, c = x.shape[:2]
     cl = x.is_contiguous(memory_format=torch.channels_last_3d)
-    if x.device.type == "cpu" and cl and x.dtype in (torch.float32, torch.bfloat16):
+    if x.device.type == "cpu" and cl and x.dtype in (torch.float32, torch.bfloat16) and (
+            STATS_KERNEL):
         return _channels_last_stats(x, eps)
     if x.device.type == "cpu" and cl:
         v, dim = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c), 1  # a view: (B, voxels, C)
@@ -536,6 +537,9 @@ def _add_border_offset_(
 # network's fast float32 map within 0.02 y of the module path on the demo scan (8192 rows: 0.1 y;
 # tests/test_fast_inference.py bounds it at 0.05 y). Measured on the development VM.
 _STATS_ROWS = 1024
+#: Use :func:`_channels_last_stats` (False: the chunked reductions below, as before issue 17;
+#: for benchmarks and tests).
+STATS_KERNEL = True
 _STATS_PIECE = 1 << 20  # elements per kernel call, at most (about 4 MB of float32)
 
 
