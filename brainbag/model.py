@@ -19,8 +19,11 @@ convolutions folded into one 1->32 3x3x3 convolution (``stem1`` is linear, bias-
 input channel, so ``stem2(stem1(x))`` is a single convolution with weight ``W2 @ W1``; zero
 padding commutes with it), InstanceNorm as float32 statistics plus one in-place scale-and-shift,
 ReLU in place, and an explicit compute dtype (bfloat16 when called under ``torch.autocast`` with
-that dtype; statistics, head and output stay float32). With autograd on, the module path runs,
-so training is unchanged; both paths share the parameters and the state_dict keys.
+that dtype; statistics, head and output stay float32). On CPU the norms whose consumers are all
+convolutions are folded into them (:class:`Folded`: one in-place maximum per norm + ReLU) and
+the statistics come from ATen's batch-norm kernel (:func:`_channels_last_stats`). With autograd
+on, the module path runs, so training is unchanged; all paths share the parameters and the
+state_dict keys.
 """
 
 from __future__ import annotations
