@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-inputs", type=Path)
     args = p.parse_args(argv)
 
-    from brainbag.inference import InferenceSettings, bf16_supported, predict_maps
+    from brainbag.inference import InferenceSettings, bf16_native, predict_maps
     from brainbag.weights import load_weights
 
     w = load_weights(args.weights)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     variants = [("fast fp32 (folded norms)", True, True, "fp32"),
                 ("fast fp32 (unfolded)", True, False, "fp32")]
-    if bf16_supported(torch.device("cpu")):
+    if bf16_native(torch.device("cpu")):
         variants += [("fast bf16 (folded norms)", True, True, "bf16"),
                      ("fast bf16 (unfolded)", True, False, "bf16")]
     scale = meta.age_scaling or {"mean": 0.0, "std": 1.0}
