@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -262,7 +263,8 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         for i in range(cfg["n"]):
             link = work / "in" / f"sub-{i:03d}_T1w.nii.gz"
             link.parent.mkdir(exist_ok=True)
-            link.symlink_to(Path(cfg["scan"]).resolve())
+            # copies, not links: predict runs a file given twice (same resolved path) once
+            shutil.copyfile(cfg["scan"], link)
             scans.append(link)
         settings = PredictSettings(
             out=work / "out", weights=str(weights), jobs=cfg["jobs"], png=False,
@@ -275,6 +277,8 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         records = run_predict(scans, settings)
         seconds = time.perf_counter() - t0
+    if len(records) != len(scans):
+        raise RuntimeError(f"{len(records)} records for {len(scans)} scans")
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         raise RuntimeError(f"{len(failed)} scans failed: {failed[0].get('error')}")
