@@ -20,7 +20,7 @@ import numpy as np
 
 from brainbag.clinical import fit_calibration
 from brainbag.config import TrainConfig
-from brainbag.datasets import ImageRecord, discover, read_table
+from brainbag.datasets import ImageRecord, discover
 from brainbag.errors import InputError, UsageError
 from brainbag.evaluate import (
     EvaluateSettings,
@@ -31,6 +31,7 @@ from brainbag.evaluate import (
 )
 from brainbag.inference import InferenceSettings
 from brainbag.outputs import write_json_atomic, write_text_atomic
+from brainbag.tables import bare, read_table
 
 FOLDS_COLUMNS = ("participant_id", "fold", "source", "age")
 
@@ -96,7 +97,7 @@ def read_folds(path: Path) -> dict[str, int]:
             fold = int(row["fold"])
         except ValueError:
             raise InputError(f"{path}, row {n}: fold {row['fold']!r} is not an integer") from None
-        pid = row["participant_id"].removeprefix("sub-")
+        pid = bare(row["participant_id"])
         if out.get(pid, fold) != fold:
             raise InputError(f"{path}: subject {pid} is in two folds")
         out[pid] = fold

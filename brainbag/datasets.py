@@ -35,7 +35,7 @@ import numpy as np
 from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
 from brainbag.io import bounding_box, box_overlap
-from brainbag.tables import ID_COLUMNS, MISSING, column, labels, read_table
+from brainbag.tables import ID_COLUMNS, MISSING, bare, column, labels, read_table
 
 if TYPE_CHECKING:
     from brainbag.preprocess import Conformed
@@ -60,7 +60,7 @@ class ImageRecord:
     @property
     def group(self) -> str:
         """The key that keeps a subject's images together: the id without ``sub-``."""
-        return bare_id(self.participant_id)
+        return bare(self.participant_id)
 
 
 @dataclass
@@ -86,11 +86,6 @@ class DataSource:
         for r in self.records:
             out[r.split or "none"] = out.get(r.split or "none", 0) + 1
         return out
-
-
-def bare_id(participant_id: str) -> str:
-    text = participant_id.strip()
-    return text[4:] if text.startswith("sub-") else text
 
 
 def _split_value(value: str | None, where: str) -> str | None:
@@ -157,7 +152,7 @@ def _bids_images(root: Path) -> dict[str, list[tuple[Path, str | None]]]:
     """``(T1w, session)`` per subject (bare id), found as ``brainbag predict`` finds them."""
     found: dict[str, list[tuple[Path, str | None]]] = {}
     for item in discover_bids(root).items:
-        found.setdefault(bare_id(item.subject), []).append((item.path, item.session))
+        found.setdefault(bare(item.subject), []).append((item.path, item.session))
     return found
 
 
@@ -172,7 +167,7 @@ def read_bids(root: Path) -> DataSource:
     found = _bids_images(root)
     for n, row in enumerate(rows, start=2):
         age, sex = labels(row, header, f"{table}, row {n}")
-        images = found.get(bare_id(row["participant_id"]), [])
+        images = found.get(bare(row["participant_id"]), [])
         if not images:
             without.append(row["participant_id"])
         for path, ses in images:
@@ -215,7 +210,7 @@ def read_camcan(root: Path, split: Path) -> DataSource:
         if id_col is None:
             raise InputError(f"{table} has no 'Observations' or 'participant_id' column")
         for n, row in enumerate(rows, start=2):
-            ccid = bare_id(row[id_col])
+            ccid = bare(row[id_col])
             age, sex = labels(row, header, f"{table}, row {n}")
             found = _camcan_image(root, ccid, bids)
             if found is None:
@@ -256,7 +251,7 @@ def read_split_source(split: Path) -> dict[str, str]:
             if id_col is None:
                 raise InputError(f"{table} has no 'participant_id' or 'Observations' column")
             for row in rows:
-                _assign(assignment, bare_id(row[id_col]), name, split)
+                _assign(assignment, bare(row[id_col]), name, split)
         return assignment
     header, rows = read_table(split)
     id_col = column(header, ID_COLUMNS)
@@ -265,7 +260,7 @@ def read_split_source(split: Path) -> dict[str, str]:
     for n, row in enumerate(rows, start=2):
         value = _split_value(row["split"], f"{split}, row {n}")
         if value is not None:
-            _assign(assignment, bare_id(row[id_col]), value, split)
+            _assign(assignment, bare(row[id_col]), value, split)
     return assignment
 
 

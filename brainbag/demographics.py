@@ -31,6 +31,7 @@ from brainbag.io import subject_name
 from brainbag.tables import (
     ID_COLUMNS,
     SEX_COLUMNS,
+    bare,
     column,
     labels,
     parse_age,
@@ -41,13 +42,6 @@ from brainbag.tables import (
 _SESSION_COLUMNS = ("session_id", "session")
 _PATH_COLUMNS = ("t1w", "image", "path", "filename")
 K = TypeVar("K", bound=Hashable)
-
-
-def _bare(text: str | None, prefix: str) -> str | None:
-    if text is None:
-        return None
-    text = text.strip()
-    return text[len(prefix):] if text.startswith(prefix) else text
 
 
 @dataclass(frozen=True)
@@ -97,8 +91,8 @@ class ParticipantsTable:
                 image = image if image.is_absolute() else path.parent / image
                 self.by_path[image.resolve()] = entry
             if id_col and row.get(id_col):
-                session = _bare(row.get(self.session_col or "") or None, "ses-")
-                key = (_bare(row[id_col], "sub-") or "", session or None)
+                session = bare(row.get(self.session_col or ""), "ses-")
+                key = (bare(row[id_col]), session or None)
                 self.by_id.setdefault(key, []).append(entry)
         self.ids = sorted({k[0] for k in self.by_id})
 
@@ -107,9 +101,9 @@ class ParticipantsTable:
         row = self.by_path.get(item.path.resolve())
         if row is not None:
             return row.people
-        session = _bare(item.session, "ses-") if self.session_col else None
+        session = (bare(item.session, "ses-") or None) if self.session_col else None
         for name in dict.fromkeys((item.subject, subject_name(item.path))):
-            found = self.by_id.get((_bare(name, "sub-") or "", session))
+            found = self.by_id.get((bare(name), session))
             if found:
                 first = found[0]
                 for other in found[1:]:
@@ -129,14 +123,14 @@ class BidsTables:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.participants = _index(root / "participants.tsv", "participant_id",
-                                   lambda v: _bare(v, "sub-") or "")
+                                   bare)
         self._sessions: dict[str, dict[str, _Row]] = {}
         self._scans: dict[Path, dict[Path, _Row]] = {}
 
     def sessions(self, subject: str) -> dict[str, _Row]:
         if subject not in self._sessions:
             self._sessions[subject] = _index(self.root / subject / f"{subject}_sessions.tsv",
-                                             "session_id", lambda v: _bare(v, "ses-") or "")
+                                             "session_id", lambda v: bare(v, "ses-"))
         return self._sessions[subject]
 
     def scans(self, item: ScanInput) -> _Row | None:
@@ -151,8 +145,8 @@ class BidsTables:
         """Age and sex from the most specific table that records each."""
         levels = [self.scans(item)]
         if item.session:
-            levels.append(self.sessions(item.subject).get(_bare(item.session, "ses-") or ""))
-        levels.append(self.participants.get(_bare(item.subject, "sub-") or ""))
+            levels.append(self.sessions(item.subject).get(bare(item.session, "ses-")))
+        levels.append(self.participants.get(bare(item.subject)))
         age = next((r for r in levels if r is not None and r.people.age is not None), None)
         sex = next((r for r in levels if r is not None and r.people.sex is not None), None)
         if age is None and sex is None:

@@ -92,6 +92,12 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
+def bare(text: str | None, prefix: str = "sub-") -> str:
+    """``text`` stripped and without a leading BIDS ``prefix`` (``sub-``, ``ses-``); "" for
+    None: the form in which ids from tables, folders and file names are compared."""
+    return (text or "").strip().removeprefix(prefix)
+
+
 def column(header: Sequence[str], names: Sequence[str]) -> str | None:
     """The first of ``names`` that is a column of ``header``."""
     return next((c for c in names if c in header), None)
