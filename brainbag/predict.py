@@ -87,7 +87,18 @@ from brainbag.outputs import (
     write_json_atomic,
 )
 from brainbag.preprocess import Conformed, conform, load_mask
-from brainbag.shards import MergeResult, Shard, ShardState
+from brainbag.shards import (
+    SHARDS_DIR,
+    MergeError,
+    MergeResult,
+    Shard,
+    ShardState,
+    all_finished,
+    assign,
+    merge,
+    parse_shard,
+    start_state,
+)
 from brainbag.weights import LoadedWeights, WeightsMeta, open_weights
 
 MapSpace = Literal["model", "input"]
@@ -769,8 +780,6 @@ def _run_shard(discovery: Discovery, settings: PredictSettings,
                observer: RunObserver | None) -> list[dict[str, Any]]:
     """Shard K of N: its inputs, its own table and state in ``OUT/shards``, a shared lock on the
     output folder and an exclusive one on the shard; the last shard to finish merges."""
-    from brainbag.shards import SHARDS_DIR, assign, parse_shard
-
     assert settings.shard is not None
     shard = parse_shard(settings.shard)
     if shard.local_rank is not None and settings.inference.device in ("auto", "cuda"):
@@ -878,8 +887,6 @@ class BatchRun:
                 for k in (str(i.path.resolve()) for i in self.discovery.items)]
 
     def _start_shard(self) -> ShardState:
-        from brainbag.shards import start_state
-
         assert self.shard is not None
         shard, everything = self.shard
         weights = self.predictor.weights.get()
@@ -889,8 +896,6 @@ class BatchRun:
 
     def _finish_shard(self, state: ShardState) -> None:
         """Mark the shard complete; the last one to finish merges the shards' tables."""
-        from brainbag.shards import MergeError, all_finished, merge
-
         state.finish(self.settings.out)
         if all_finished(self.settings.out):
             try:

@@ -149,6 +149,10 @@ class ShardState:
     source: str = ""
     png: bool = False
 
+    @property
+    def name(self) -> str:
+        return Shard(self.shard, self.count).name
+
     def save(self, out: Path) -> None:
         write_json_atomic(Shard(self.shard, self.count).state(out), self.__dict__)
 
@@ -234,29 +238,29 @@ def merge(out: Path, write: bool = True) -> MergeResult:
     count = counts[0]
     first = states[0]
     for s in states[1:]:
-        name = f"{s.shard}-of-{s.count}"
+        name = s.name
         if s.input_set_sha256 != first.input_set_sha256 or s.inputs != first.inputs:
             raise MergeError(
                 f"shard {name} ran on a different set of inputs ({s.inputs}) than shard "
-                f"{first.shard}-of-{count} ({first.inputs}); rerun it on the same inputs with "
+                f"{first.name} ({first.inputs}); rerun it on the same inputs with "
                 "--resume (or --overwrite)")
         if s.weights_sha256 != first.weights_sha256:
             raise MergeError(
                 f"shard {name} used weights {s.weights_id} (sha256 {str(s.weights_sha256)[:12]}"
-                f"...) but shard {first.shard}-of-{count} used {first.weights_id} (sha256 "
+                f"...) but shard {first.name} used {first.weights_id} (sha256 "
                 f"{str(first.weights_sha256)[:12]}...); rerun it with the same --weights and "
                 "--overwrite")
         if s.settings_fingerprint != first.settings_fingerprint:
             raise MergeError(
                 f"shard {name} ran with other result-affecting settings than shard "
-                f"{first.shard}-of-{count}; rerun it with the same options and --overwrite")
+                f"{first.name}; rerun it with the same options and --overwrite")
     seen: dict[str, str] = {}
     for s in states:
         for key in s.assigned:
             if key in seen:
                 raise MergeError(f"input {s.assigned[key]} is assigned to shards {seen[key]} and "
-                                 f"{s.shard}-of-{count}; rerun the shards on the same inputs")
-            seen[key] = f"{s.shard}-of-{count}"
+                                 f"{s.name}; rerun the shards on the same inputs")
+            seen[key] = s.name
     rows: dict[str, dict[str, Any]] = {}
     key_to_path = {key: path for s in states for key, path in s.assigned.items()}
     path_to_key = {path: key for key, path in key_to_path.items()}
@@ -295,7 +299,7 @@ def merge(out: Path, write: bool = True) -> MergeResult:
     result = MergeResult(
         merged, count, missing,
         [r["path"] for r in merged if r.get("status") == "failed"],
-        [f"{s.shard}-of-{count}" for s in states if s.state != "complete"])
+        [s.name for s in states if s.state != "complete"])
     if write:
         write_tsv_atomic(out / "predictions.tsv", merged)
         if any(s.png for s in states):
