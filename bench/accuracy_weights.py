@@ -2,8 +2,8 @@
 
     python bench/accuracy_weights.py                        # shipped weights, demo + 8 IXI scans
     python bench/accuracy_weights.py --save-inputs /tmp/acc # also keep the conformed inputs
-    python bench/accuracy_weights.py --inputs /tmp/acc      # reuse them (needs torch and numpy
-                                                            # only: no nibabel, no SimpleITK)
+    python bench/accuracy_weights.py --inputs /tmp/acc      # reuse them (no conform, so no
+                                                            # SimpleITK; nibabel is still needed)
 
 The reference is the module-by-module float32 path (``fast_inference = False``: what training
 differentiates). The rows are the fast path as `brainbag predict` runs it (norms folded, float32
@@ -15,12 +15,12 @@ the weights (their voxel size, brain view, masked pooling). Issue 17's bound: ag
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_infer import machine  # this folder: the same machine line as the inference bench
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -71,13 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [(f.stem, dict(np.load(f))) for f in sorted(args.inputs.glob("*.npz"))]
     else:
         inputs = conformed_inputs(meta.voxel_mm, args.save_inputs)
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     print(f"weights {w.id} ({meta.voxel_mm:g} mm, view {meta.view}, pooling {meta.pooling}); "
-          f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{machine('cpu')}")
     variants = [("fast fp32 (folded norms)", True, True, "fp32"),
                 ("fast fp32 (unfolded)", True, False, "fp32")]
     if bf16_native(torch.device("cpu")):

@@ -382,10 +382,9 @@ def conv3d_fast(
         weight = weight.contiguous()
         weight = weight.as_strided(weight.shape, (math.prod(k), 1, k[1] * k[2], k[2], 1))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        s = [stride] * 3 if isinstance(stride, int) else list(stride)
-        p = [padding] * 3 if isinstance(padding, int) else list(padding)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, p, s, [1, 1, 1], 1)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(_triple(padding)),
+                                                 list(_triple(stride)), [1, 1, 1], 1)
     return F.conv3d(x, weight, bias, stride, padding)
 
 
