@@ -109,12 +109,12 @@ def _apply_variant(variant: str) -> None:
 
         M.BagNet3D._stem_fast = two_convs  # type: ignore[method-assign]
     elif variant == "ncdhw":
-        def ncdhw(x: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any
-                  ) -> torch.Tensor:  # the same oneDNN convolution on NCDHW tensors
-            s = [stride] * 3 if isinstance(stride, int) else list(stride)
-            p = [padding] * 3 if isinstance(padding, int) else list(padding)
-            return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.to(x.dtype), None,
-                                                     p, s, [1, 1, 1], 1)
+        def ncdhw(x: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+            # the same oneDNN convolution on NCDHW tensors
+            return torch.ops.aten.mkldnn_convolution(
+                x.contiguous(), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                list(M._triple(padding)), list(M._triple(stride)), [1, 1, 1], 1)
 
         M.conv3d_fast = ncdhw  # type: ignore[assignment]
 
