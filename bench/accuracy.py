@@ -5,8 +5,8 @@
 
 For each random initialisation (full-size network, seed = torch.manual_seed) it runs the scan
 through ``predict_maps`` in float32 and bfloat16 and prints the differences of the global age
-(years; age scaling 50 +- 15 as brainbag.weights.random_weights_meta) and P(female), and how the
-local age maps compare over the brain cells: the largest difference, the 99th percentile, the
+(years; age scaling 50 +- 15 as brainbag.weights.file.random_weights_meta) and P(female), and how
+the local age maps compare over the brain cells: the largest difference, the 99th percentile, the
 correlation, and the spread of the reference map (so that the differences can be read against it).
 ``--reference module`` uses the plain module-by-module float32 path as the reference (the code
 before the speed work; >3 GB in full mode), ``fast`` the fast float32 path.
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainbag.inference import InferenceSettings, predict_maps
-from brainbag.io import load_image
-from brainbag.model import BagNet3D, BagNetConfig
-from brainbag.outputs import brain_cells
-from brainbag.preprocess import conform
+from brainbag.image.io import load_image
+from brainbag.image.preprocess import conform
+from brainbag.network.inference import InferenceSettings, predict_maps
+from brainbag.network.model import BagNet3D, BagNetConfig
+from brainbag.run.outputs import brain_cells
 
 REPO = Path(__file__).resolve().parents[1]
 

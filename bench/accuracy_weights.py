@@ -37,8 +37,8 @@ def default_scans() -> list[tuple[Path, Path | None]]:
 
 
 def conformed_inputs(voxel_mm: float, save: Path | None) -> list[tuple[str, dict]]:
-    from brainbag.io import load_image
-    from brainbag.preprocess import conform, load_mask
+    from brainbag.image.io import load_image
+    from brainbag.image.preprocess import conform, load_mask
 
     out = []
     for t1, mask_path in default_scans():
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-inputs", type=Path)
     args = p.parse_args(argv)
 
-    from brainbag.inference import InferenceSettings, bf16_native, predict_maps
-    from brainbag.weights import load_weights
+    from brainbag.network.inference import InferenceSettings, bf16_native, predict_maps
+    from brainbag.weights.file import load_weights
 
     w = load_weights(args.weights)
     model, meta = w.model, w.meta

@@ -45,7 +45,7 @@ def build_folder(folder: Path) -> list[Path]:
     import nibabel as nib
     import numpy as np
 
-    from brainbag.io import isotropic_grid, resample
+    from brainbag.image.io import isotropic_grid, resample
 
     folder.mkdir(parents=True, exist_ok=True)
     samples, native = SHARED / "samples", SHARED / "ixi" / "native"
@@ -84,8 +84,8 @@ def build_folder(folder: Path) -> list[Path]:
 def make_weights(path: Path, width: int) -> Path:
     import torch
 
-    from brainbag.model import BagNet3D, BagNetConfig
-    from brainbag.weights import random_weights_meta, save_weights
+    from brainbag.network.model import BagNet3D, BagNetConfig
+    from brainbag.weights.file import random_weights_meta, save_weights
 
     if not path.exists():
         torch.manual_seed(0)

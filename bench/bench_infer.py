@@ -8,9 +8,9 @@ Run from the repository root (a few minutes with the defaults on a quiet 2-core 
     python bench/bench_infer.py --rf 9 --variant naive fast --rounds 3   # before/after, interleaved
 
 It prints, as a Markdown table, for every configuration: the median (and min) wall time of
-``brainbag.inference.predict_maps`` over ``--runs`` runs after one warm-up run (whose time is shown
-as "first"), the peak memory, the multiply-adds, the floor and time/floor. In the same run it
-measures this machine's peak matrix-multiply rate per precision (the best of several GEMM shapes
+``brainbag.network.inference.predict_maps`` over ``--runs`` runs after one warm-up run (whose time
+is shown as "first"), the peak memory, the multiply-adds, the floor and time/floor. In the same run
+it measures this machine's peak matrix-multiply rate per precision (the best of several GEMM shapes
 and backends) and times SFCN (bench/sfcn.py) as a peer anchor.
 
 * floor = 2 * multiply-adds / peak rate. "GMAC" is the network as defined (BAGNET3D.md: 345 G for
@@ -91,7 +91,7 @@ def _apply_variant(variant: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from brainbag import model as M
+    from brainbag.network import model as M
 
     if variant == "before-17":
         M.STATS_KERNEL = False
@@ -131,8 +131,8 @@ def worker_bagnet(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from brainbag.inference import InferenceSettings, estimate_windows, predict_maps
-    from brainbag.model import BagNet3D, BagNetConfig, macs_estimate
+    from brainbag.network.inference import InferenceSettings, estimate_windows, predict_maps
+    from brainbag.network.model import BagNet3D, BagNetConfig, macs_estimate
 
     _apply_variant(cfg["variant"])
     torch.manual_seed(0)
@@ -248,10 +248,10 @@ def worker_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     over ``--e2e N`` copies of one scan, with random full-size weights."""
     import torch
 
-    from brainbag.inference import InferenceSettings
-    from brainbag.model import BagNet3D, BagNetConfig
-    from brainbag.predict import PredictSettings, run_predict
-    from brainbag.weights import random_weights_meta, save_weights
+    from brainbag.network.inference import InferenceSettings
+    from brainbag.network.model import BagNet3D, BagNetConfig
+    from brainbag.run.predict import PredictSettings, run_predict
+    from brainbag.weights.file import random_weights_meta, save_weights
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from brainbag.checks import (
+from brainbag.image.checks import (
     MAX_BIAS,
     MIN_AP_SKEWNESS,
     SKULL_OBJECT_LITRES,
     CheckOptions,
     run_checks,
 )
-from brainbag.fixes import estimate_bias, n4_correct
-from brainbag.io import format_mm, load_image
-from brainbag.preprocess import load_mask
+from brainbag.image.fixes import estimate_bias, n4_correct
+from brainbag.image.io import format_mm, load_image
+from brainbag.image.preprocess import load_mask
 
 SKULL_ON_SAMPLES = {"ch2.nii.gz", "chris_t1.nii.gz", "rorden_t1_mprage.nii.gz"}
 

@@ -2,8 +2,8 @@
 
     python bench/crop_brain_fraction.py
 
-Draws 40 random 160x160x128 crops (``brainbag.train.draw_views`` with ``view="crop"``, as the
-seed recipe does; generator seed 0) from each of 10 IXI images conformed at 1 mm, and prints the
+Draws 40 random 160x160x128 crops (``brainbag.train.trainer.draw_views`` with ``view="crop"``, as
+the seed recipe does; generator seed 0) from each of 10 IXI images conformed at 1 mm, and prints the
 median and 10th percentile of the fraction of brain-mask voxels in a crop.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainbag.datasets import discover, load_volume
-from brainbag.train import draw_views
+from brainbag.train.datasets import discover, load_volume
+from brainbag.train.trainer import draw_views
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = [160, 160, 128]

@@ -18,7 +18,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `brainbag predict` sets
 
 import torch  # noqa: E402
 
-from brainbag import model as M  # noqa: E402
+from brainbag.network import model as M  # noqa: E402
 
 
 def main() -> None:

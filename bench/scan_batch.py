@@ -32,8 +32,8 @@ def main() -> None:
 
     import torch
 
-    from brainbag.manifest import SHIPPED_MANIFEST, read_manifest
-    from brainbag.weights import load_weights
+    from brainbag.weights.file import load_weights
+    from brainbag.weights.manifest import SHIPPED_MANIFEST, read_manifest
 
     torch.set_num_threads(args.threads)
     entry = next(e for e in read_manifest(SHIPPED_MANIFEST) if e.default and e.rf == 9)

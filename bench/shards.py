@@ -12,7 +12,7 @@ target: at least 0.9 when the machine has a core per shard). Do not run it while
 uses the CPU.
 
 ``merge`` writes a synthetic set of shard tables and states (``--rows`` inputs over ``--shards``
-shards) and times :func:`brainbag.shards.merge` (reading, checking, writing predictions.tsv;
+shards) and times :func:`brainbag.run.shards.merge` (reading, checking, writing predictions.tsv;
 no index.html: no PNGs) over ``--repeat`` runs.
 """
 
@@ -97,7 +97,7 @@ def merge_cost(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from test_shards import _fake_shards  # the synthetic shard set the tests check
 
-    from brainbag.shards import merge
+    from brainbag.run.shards import merge
 
     times = []
     with tempfile.TemporaryDirectory() as tmp:

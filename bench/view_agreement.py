@@ -19,11 +19,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainbag.inference import InferenceSettings
-from brainbag.io import load_image
-from brainbag.predict import interpret, run_weights
-from brainbag.preprocess import conform, load_mask
-from brainbag.weights import load_weights, open_weights
+from brainbag.image.io import load_image
+from brainbag.image.preprocess import conform, load_mask
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.predict import interpret, run_weights
+from brainbag.weights.file import load_weights, open_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -109,8 +109,8 @@ class ProbeModel(nn.Module):
 @pytest.fixture
 def tiny_weights(tmp_path: Path):
     """Factory: a random-initialised narrow BagNet weights file (real architecture, width 4)."""
-    from brainbag.model import BagNet3D, BagNetConfig
-    from brainbag.weights import random_weights_meta, save_weights
+    from brainbag.network.model import BagNet3D, BagNetConfig
+    from brainbag.weights.file import random_weights_meta, save_weights
 
     def make(rf: int = 9, width: int = 4, heads=("age", "sex"), padding="same") -> Path:
         torch.manual_seed(rf)

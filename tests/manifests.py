@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from brainbag.io import sha256_file
-from brainbag.manifest import FORMAT
-from brainbag.weights import read_meta
+from brainbag.image.io import sha256_file
+from brainbag.weights.file import read_meta
+from brainbag.weights.manifest import FORMAT
 
 
 def entry_for(path: Path, weights_id: str, **extra: Any) -> dict[str, Any]:

@@ -25,13 +25,13 @@ import pytest
 from conftest import REPO, make_affine, sample, save, shared
 from typer.testing import CliRunner
 
-from brainbag.batch import ResultsTable, read_ahead, settings_fingerprint
 from brainbag.cli import app
-from brainbag.discover import discover
 from brainbag.errors import UsageError
-from brainbag.inference import InferenceSettings
-from brainbag.outputs import TSV_COLUMNS
-from brainbag.predict import PredictSettings, run_predict
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.batch import ResultsTable, read_ahead, settings_fingerprint
+from brainbag.run.discover import discover
+from brainbag.run.outputs import TSV_COLUMNS
+from brainbag.run.predict import PredictSettings, run_predict
 
 runner = CliRunner()
 # the synthetic scans are 20-30 ml blocks, not brains: predict's checks refuse them (brain_mask),
@@ -240,7 +240,7 @@ def test_resume_after_kill_9_redoes_only_what_is_missing(tmp_path: Path, tiny_we
 _WRITER = """
 import sys
 from pathlib import Path
-from brainbag.batch import ResultsTable
+from brainbag.run.batch import ResultsTable
 table = ResultsTable(Path(sys.argv[1]))
 i = len(table.rows)
 while True:
@@ -380,7 +380,7 @@ def test_interrupt_while_the_next_scan_runs_keeps_the_written_scan_and_labels_ea
     """Issue 16: a scan whose outputs were written by the writer thread while the next scan ran
     got `skipped: run interrupted before this input` and was redone by --resume; the scan
     interrupted mid-way said "before this input" too."""
-    import brainbag.predict as bp
+    import brainbag.run.predict as bp
 
     data = tmp_path / "scans"
     for i in range(4):
@@ -642,9 +642,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 
     from rich.console import Console
 
-    from brainbag.batch import RunPlan
-    from brainbag.discover import Discovery, ScanInput
-    from brainbag.progress import ConsoleObserver
+    from brainbag.run.batch import RunPlan
+    from brainbag.run.discover import Discovery, ScanInput
+    from brainbag.run.progress import ConsoleObserver
 
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=120)
@@ -671,11 +671,11 @@ def test_single_file_errors_still_raise_and_write_nothing(tmp_path: Path, tiny_w
 
 
 def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, monkeypatch) -> None:
-    import brainbag.predict
+    import brainbag.run.predict
 
     def interrupted(inputs, settings, observer=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(brainbag.predict, "run_predict", interrupted)
+    monkeypatch.setattr(brainbag.run.predict, "run_predict", interrupted)
     result = predict(tmp_path, "--out", tmp_path / "o")
     assert result.exit_code == 130 and "--resume" in result.stderr

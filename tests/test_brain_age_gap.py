@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_batch import FAST, brain, by_name, predict, read_tsv
 
-from brainbag.discover import discover
-from brainbag.weights import load_weights, save_weights
+from brainbag.run.discover import discover
+from brainbag.weights.file import load_weights, save_weights
 
 SLOPE, INTERCEPT, HALF = 0.5, 25.0, 12.0
 CALIBRATION = {
@@ -194,7 +194,7 @@ def test_the_shared_ixi_table_matches_the_ixi_folder_by_path(tmp_path: Path) -> 
         pytest.skip(f"{table} not available (set BRAINBAG_SHARED_DATA)")
     found = discover([SHARED_DATA / "ixi" / "2mm"], tmp_path / "out",
                      mask_pattern="{stem}_mask.nii.gz")
-    from brainbag.demographics import add_demographics
+    from brainbag.run.demographics import add_demographics
 
     items = add_demographics(found, participants=table).items
     scans = [i for i in items if i.path.name.endswith("_T1w.nii.gz")]
@@ -252,7 +252,7 @@ def test_resume_redoes_a_scan_whose_age_changed(tmp_path: Path, calibrated: Path
 
 
 def test_the_png_title_and_index_carry_the_gap(tmp_path: Path, calibrated: Path) -> None:
-    from brainbag.report import png_title
+    from brainbag.run.report import png_title
 
     scan = brain(tmp_path / "s.nii.gz")
     out = tmp_path / "o"

@@ -11,9 +11,9 @@ from conftest import make_affine, sample, save
 from phantom import head
 from typer.testing import CliRunner
 
-import brainbag.checks
-from brainbag.checks import CHECK_NAMES
+import brainbag.image.checks
 from brainbag.cli import app
+from brainbag.image.checks import CHECK_NAMES
 
 runner = CliRunner()
 
@@ -105,7 +105,7 @@ def test_cli_builds_the_check_options(scans, monkeypatch) -> None:
         seen["paths"], seen["options"] = paths, options
         return []
 
-    monkeypatch.setattr(brainbag.checks, "check_inputs", fake)
+    monkeypatch.setattr(brainbag.image.checks, "check_inputs", fake)
     result = runner.invoke(app, ["check", str(scans["clean"]), "--mask", str(scans["mask"]),
                                  "--n4", "--json"])
     assert result.exit_code == 0, result.output
@@ -166,7 +166,7 @@ def test_check_reads_the_voxel_data_to_the_end(tmp_path: Path, damage: str) -> N
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: input ") and str(bad) in lines[0]
     from brainbag.errors import InputError
-    from brainbag.io import load_image
+    from brainbag.image.io import load_image
 
     with pytest.raises(InputError) as info:  # what predict raises for the same file
         load_image(bad)

@@ -13,14 +13,14 @@ import pytest
 from conftest import SHARED_DATA, make_affine, rotation, sample, save
 from phantom import head, world_bias
 
-from brainbag.checks import (
+from brainbag.errors import InputError
+from brainbag.image.checks import (
     CHECK_NAMES,
     CheckOptions,
     CheckReport,
     find_images,
     run_checks,
 )
-from brainbag.errors import InputError
 
 IXI = SHARED_DATA / "ixi"
 
@@ -289,7 +289,7 @@ def test_anatomy_on_real_scans(name: str, status: str) -> None:
 def test_field_of_view_equal_to_the_crop_is_not_larger(tmp_path: Path, monkeypatch) -> None:
     """Issue 16: a brain shown as 127x160x128 mm was "larger than the crop along y, z" (its
     unrounded extent was 160.4 x 128.3 mm). Compared as shown, it fits the 160x160x128 crop."""
-    import brainbag.checks as checks
+    import brainbag.image.checks as checks
 
     monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (127.2, 160.4, 128.3))
     monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
@@ -375,7 +375,7 @@ def test_voxel_size_is_judged_for_the_weights_voxel_size(tmp_path: Path, zooms, 
 def test_field_of_view_against_the_weights_brain_view(tmp_path: Path, monkeypatch) -> None:
     """Weights with a brain view (80x96x80 voxels at 2 mm = 160x192x160 mm) see the whole
     brain at once: no "crop" or "--mode sliding" advice, which would be wrong for them."""
-    import brainbag.checks as checks
+    import brainbag.image.checks as checks
 
     monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
     path = _scan(tmp_path, "in.nii.gz")

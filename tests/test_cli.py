@@ -13,7 +13,7 @@ import pytest
 from conftest import make_affine, save
 from typer.testing import CliRunner
 
-import brainbag.predict
+import brainbag.run.predict
 from brainbag.cli import app
 
 runner = CliRunner()
@@ -70,7 +70,7 @@ def test_help_shows_defaults_and_no_value_type_for_flags(command: tuple[str, ...
 
 
 def test_train_help_shows_the_configuration_defaults() -> None:
-    from brainbag.config import TrainConfig
+    from brainbag.train.config import TrainConfig
 
     text = _help("train")
     c = TrainConfig()
@@ -137,7 +137,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
 def test_weights_that_are_a_checkpoint_an_image_or_text_say_what_they_are(
         tmp_path: Path) -> None:
     """Issue 16: a run's last.ckpt, a NIfTI and a text file all got 'convert them with
-    brainbag.weights.save_weights'. Say what the file is; name the run's weights file."""
+    brainbag.weights.file.save_weights'. Say what the file is; name the run's weights file."""
     img = _brain(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
@@ -165,7 +165,7 @@ def test_cli_builds_the_settings_it_was_asked_for(tmp_path: Path, monkeypatch) -
         seen["inputs"], seen["settings"] = inputs, settings
         return []
 
-    monkeypatch.setattr(brainbag.predict, "run_predict", fake_run)
+    monkeypatch.setattr(brainbag.run.predict, "run_predict", fake_run)
     img = _brain(tmp_path)
     result = runner.invoke(app, [
         "predict", str(img), "--rf", "33", "--weights", "w.safetensors", "--mode", "full",
@@ -223,7 +223,7 @@ def test_a_crash_while_writing_leaves_nothing_half_written(tmp_path, tiny_weight
     img = _brain(tmp_path)
     out = tmp_path / "results"
     calls = {"n": 0}
-    real = brainbag.predict.save_nifti_atomic
+    real = brainbag.run.predict.save_nifti_atomic
 
     def flaky(image, path):
         calls["n"] += 1
@@ -231,7 +231,7 @@ def test_a_crash_while_writing_leaves_nothing_half_written(tmp_path, tiny_weight
             raise OSError("disk full")
         real(image, path)
 
-    monkeypatch.setattr(brainbag.predict, "save_nifti_atomic", flaky)
+    monkeypatch.setattr(brainbag.run.predict, "save_nifti_atomic", flaky)
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
                                  "--out", str(out), "--mode", "full", FORCE])
     assert result.exit_code != 0

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from brainbag.clinical import (
+from brainbag.person.clinical import (
     conformal_half_width,
     fit_calibration,
     map_spread,
@@ -153,8 +153,8 @@ def test_a_flat_fit_refuses_to_correct() -> None:
 
 
 def test_the_shipped_weights_carry_their_calibration() -> None:
-    from brainbag.manifest import SHIPPED_MANIFEST, read_manifest
-    from brainbag.weights import load_weights
+    from brainbag.weights.file import load_weights
+    from brainbag.weights.manifest import SHIPPED_MANIFEST, read_manifest
 
     entry = next(e for e in read_manifest(SHIPPED_MANIFEST) if e.default and e.rf == 9)
     meta = load_weights(SHIPPED_MANIFEST.parent / entry.bundled).meta

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from brainbag.config import TrainConfig, find_recipe, load_recipe, resolve, to_toml, tomllib
 from brainbag.errors import UsageError
+from brainbag.train.config import TrainConfig, find_recipe, load_recipe, resolve, to_toml, tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

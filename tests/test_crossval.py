@@ -12,12 +12,12 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from brainbag.cli import app
-from brainbag.config import TrainConfig
-from brainbag.crossval import make_folds, read_folds, run_crossval
-from brainbag.datasets import ImageRecord
 from brainbag.errors import InputError
-from brainbag.train import QuietReporter, run_training
-from brainbag.weights import load_weights
+from brainbag.train.config import TrainConfig
+from brainbag.train.crossval import make_folds, read_folds, run_crossval
+from brainbag.train.datasets import ImageRecord
+from brainbag.train.trainer import QuietReporter, run_training
+from brainbag.weights.file import load_weights
 
 runner = CliRunner()
 

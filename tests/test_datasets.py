@@ -7,7 +7,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA, make_affine, save
 
-from brainbag.datasets import (
+from brainbag.errors import InputError, UsageError
+from brainbag.image.io import load_image
+from brainbag.image.preprocess import conform
+from brainbag.train.datasets import (
     ImageRecord,
     centre_start,
     crop_range,
@@ -17,9 +20,6 @@ from brainbag.datasets import (
     read_split_source,
     splits_tsv,
 )
-from brainbag.errors import InputError, UsageError
-from brainbag.io import load_image
-from brainbag.preprocess import conform
 
 REPO = Path(__file__).resolve().parents[1]
 

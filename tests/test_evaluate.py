@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from brainbag.errors import UsageError
-from brainbag.evaluate import (
+from brainbag.train.evaluate import (
     EvaluateSettings,
     WeightsResult,
     age_metrics,
@@ -111,7 +111,7 @@ def test_evaluate_reports_progress_when_not_on_a_terminal(tmp_path, monkeypatch)
 
     from typer.testing import CliRunner
 
-    import brainbag.evaluate as ev
+    import brainbag.train.evaluate as ev
     from brainbag.cli import app
 
     def fake(settings, on_image=None):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import sample
 
-from brainbag.inference import InferenceSettings, bf16_native, bf16_supported, predict_maps
-from brainbag.model import BagNet3D, BagNetConfig, folded_stem_weight, instance_stats
+from brainbag.network.inference import InferenceSettings, bf16_native, bf16_supported, predict_maps
+from brainbag.network.model import BagNet3D, BagNetConfig, folded_stem_weight, instance_stats
 
 CL = torch.channels_last_3d
 
@@ -94,7 +94,7 @@ def test_folded_norms_compute_the_unfolded_function(rf: int, padding: str, monke
     """On CPU the fast path folds every norm whose consumers are convolutions (issue 17): the
     stem's and the two inside each block. float64, odd and even sizes, so the border
     correction of the padded (strided) 3x3x3 convolutions is checked to rounding."""
-    from brainbag import model as M
+    from brainbag.network import model as M
 
     folded = []
     fold = M._norm_relu_folded
@@ -158,14 +158,14 @@ def test_autocast_bfloat16_runs_the_fast_path_in_bfloat16() -> None:
 def _whole_scan_maps(mode: str) -> dict[str, tuple[np.ndarray, float, float]]:
     """Maps, global age and P(female) of a random full-size RF9 on the conformed Colin27 scan:
     the fp32 module path (the reference), the fast path in fp32 and in bf16."""
-    from brainbag.io import load_image
-    from brainbag.outputs import brain_cells
-    from brainbag.preprocess import conform
+    from brainbag.image.io import load_image
+    from brainbag.image.preprocess import conform
+    from brainbag.run.outputs import brain_cells
 
     conformed = conform(load_image(sample("ch2bet.nii.gz")), None)
     torch.manual_seed(9)
     model = BagNet3D(BagNetConfig.for_rf(9)).eval()
-    scale = {"mean": 50.0, "std": 15.0}  # brainbag.weights.random_weights_meta
+    scale = {"mean": 50.0, "std": 15.0}  # brainbag.weights.file.random_weights_meta
     out = {}
     runs = [("fast-bf16", True, "bf16"), ("fast-fp32", True, "fp32")]
     if mode == "sliding":  # the module path over the whole volume needs >3 GB: windows only
@@ -211,7 +211,7 @@ def test_optimised_paths_stay_within_the_bounds_on_a_real_scan(mode: str) -> Non
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_fast_path_activation_is_channels_last(dtype, monkeypatch) -> None:
     """A layout change between layers would copy a whole activation (0.5-1 GB at full size)."""
-    from brainbag import model as M
+    from brainbag.network import model as M
 
     if dtype == torch.bfloat16 and not bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has no bfloat16 support in oneDNN")
@@ -293,7 +293,7 @@ def test_batch_predict_runs_the_fast_path_with_read_ahead(tmp_path, tiny_weights
 
     from conftest import make_affine, save
 
-    from brainbag.predict import PredictSettings, run_predict
+    from brainbag.run.predict import PredictSettings, run_predict
 
     calls: list[str] = []
     fast = BagNet3D._features_fast

@@ -8,7 +8,7 @@ from conftest import make_affine, rotation, world_coords
 from phantom import WM, egg_radius, head, world_bias
 
 from brainbag.errors import InputError
-from brainbag.fixes import estimate_bias, n4_correct
+from brainbag.image.fixes import estimate_bias, n4_correct
 
 
 def _oblique_head(strength: float):

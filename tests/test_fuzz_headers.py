@@ -208,8 +208,8 @@ def _assert_clean_outcome(result: Any, command: str, c: dict[str, Any]) -> None:
 def fuzz_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from brainbag.model import BagNet3D, BagNetConfig
-    from brainbag.weights import random_weights_meta, save_weights
+    from brainbag.network.model import BagNet3D, BagNetConfig
+    from brainbag.weights.file import random_weights_meta, save_weights
 
     torch.manual_seed(0)
     model = BagNet3D(BagNetConfig.for_rf(9, width=4, heads=("age", "sex")))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import ProbeModel, linear_field, make_affine, rotation, save, world_coords
 
-from brainbag.inference import InferenceSettings
-from brainbag.predict import Predictor, PredictSettings
-from brainbag.weights import LoadedWeights, WeightsMeta
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.predict import Predictor, PredictSettings
+from brainbag.weights.file import LoadedWeights, WeightsMeta
 
 CASES = {
     "RAS-1mm": dict(affine=make_affine(), shape=(64, 70, 60)),

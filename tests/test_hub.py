@@ -20,7 +20,7 @@ import pytest
 from manifests import entry_for, write_manifest
 
 from brainbag.errors import WeightsError
-from brainbag.hub import (
+from brainbag.weights.hub import (
     HubSettings,
     cache_path,
     default_cache_dir,
@@ -28,7 +28,7 @@ from brainbag.hub import (
     entry_status,
     resolve_entry,
 )
-from brainbag.manifest import HfSource, load_catalog, parse_entry
+from brainbag.weights.manifest import HfSource, load_catalog, parse_entry
 
 REPO = "brainbag-tests/bagnet3d"
 

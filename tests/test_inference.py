@@ -8,8 +8,8 @@ import torch
 from conftest import ProbeModel
 
 from brainbag.errors import UsageError
-from brainbag.inference import InferenceSettings, predict_maps, window_starts
-from brainbag.model import BagNet3D, BagNetConfig
+from brainbag.network.inference import InferenceSettings, predict_maps, window_starts
+from brainbag.network.model import BagNet3D, BagNetConfig
 
 
 @pytest.mark.parametrize("padding, rf", [("same", 9), ("valid", 9), ("valid", 33)])
@@ -121,7 +121,7 @@ def test_non_finite_output_is_a_clear_error() -> None:
 
 
 def test_threads_auto_never_exceeds_the_cpus_this_process_may_use(monkeypatch) -> None:
-    from brainbag import inference
+    from brainbag.network import inference
 
     before = torch.get_num_threads()
     try:
@@ -145,7 +145,7 @@ def test_threads_auto_leaves_the_cpus_other_work_uses(monkeypatch) -> None:
     """Issue 16: with another job on one of 2 CPUs, the default 2 threads took 150.6 s for a scan
     that took 43.9 s with --threads 1. Auto counts the CPU time other work uses as CPUs taken
     (the load average only where /proc/stat cannot be read)."""
-    from brainbag import inference
+    from brainbag.network import inference
 
     before = torch.get_num_threads()
     monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: {0, 1})
@@ -185,7 +185,7 @@ def test_threads_auto_leaves_the_cpus_other_work_uses(monkeypatch) -> None:
 
 def test_busy_cpus_reads_the_cpu_time_of_other_work(tmp_path, monkeypatch) -> None:
     """From two /proc/stat samples: busy = 1 - idle share (idle and iowait), times the CPUs."""
-    from brainbag import inference
+    from brainbag.network import inference
 
     lines = iter(["cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 ...\n",
                   # +50 user, +10 steal, +140 idle, +0 iowait over 200 ticks of 2 CPUs
@@ -211,7 +211,7 @@ def test_threads_also_bound_simpleitk(monkeypatch) -> None:
     one thread each competed for both cores of this machine (bench/shards.py: 0.59x)."""
     import SimpleITK as sitk
 
-    from brainbag import inference
+    from brainbag.network import inference
 
     before_torch = torch.get_num_threads()
     before_itk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -229,7 +229,7 @@ def test_threads_also_bound_simpleitk(monkeypatch) -> None:
 def test_bf16_on_a_cpu_without_bfloat16_units_runs_fp32(monkeypatch) -> None:
     """oneDNN runs bf16 on any AVX-512 CPU, emulated where the CPU has no bfloat16 units (1.34x
     slower than fp32 here, issue 17): predict then runs fp32 and says why."""
-    from brainbag import inference
+    from brainbag.network import inference
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(inference, "bf16_supported", lambda device: True)

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_affine, rotation, sample, save, world_coords
 
 from brainbag.errors import InputError
-from brainbag.io import (
+from brainbag.image.io import (
     Image,
     bounding_box,
     isotropic_grid,

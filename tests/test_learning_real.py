@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
-from brainbag.config import TrainConfig
-from brainbag.train import QuietReporter, run_training
+from brainbag.train.config import TrainConfig
+from brainbag.train.trainer import QuietReporter, run_training
 
 IXI = SHARED_DATA / "ixi"
 

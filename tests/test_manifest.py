@@ -10,8 +10,9 @@ import pytest
 from manifests import entry_for, write_manifest
 
 from brainbag.errors import ManifestError
-from brainbag.io import sha256_file
-from brainbag.manifest import (
+from brainbag.image.io import sha256_file
+from brainbag.network.model import HEAD_OUTPUTS, RF_KERNEL3
+from brainbag.weights.manifest import (
     FORMAT,
     KNOWN_HEADS,
     KNOWN_RF,
@@ -21,7 +22,6 @@ from brainbag.manifest import (
     parse_entry,
     read_manifest,
 )
-from brainbag.model import HEAD_OUTPUTS, RF_KERNEL3
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

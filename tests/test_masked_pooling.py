@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from brainbag.inference import InferenceSettings, brain_view, cut_view, predict_maps
-from brainbag.io import load_image
-from brainbag.model import BagNet3D, BagNetConfig, cell_weights
-from brainbag.outputs import brain_cells
-from brainbag.preprocess import antialias_sigmas, conform
+from brainbag.image.io import load_image
+from brainbag.image.preprocess import antialias_sigmas, conform
+from brainbag.network.inference import InferenceSettings, brain_view, cut_view, predict_maps
+from brainbag.network.model import BagNet3D, BagNetConfig, cell_weights
+from brainbag.run.outputs import brain_cells
 
 
 def _brute_cell_weights(mask: np.ndarray, stride: int, offset: float, shape) -> np.ndarray:

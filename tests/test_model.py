@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainbag.model import (
+from brainbag.network.model import (
     ARCHITECTURES,
     BagNet3D,
     BagNetConfig,

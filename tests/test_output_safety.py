@@ -16,10 +16,10 @@ from conftest import REPO
 from test_batch import FAST, brain, predict, read_tsv
 
 from brainbag.errors import FolderInUse
-from brainbag.lock import LOCK_NAME, OutputLock
+from brainbag.run.lock import LOCK_NAME, OutputLock
 
 HOLD = ("import sys, time\n"
-        "from brainbag.lock import OutputLock\n"
+        "from brainbag.run.lock import OutputLock\n"
         "with OutputLock(sys.argv[1]):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(60)\n")
@@ -102,22 +102,22 @@ def test_a_failed_single_input_leaves_no_folder_behind(tmp_path: Path, tiny_weig
 def _fail_writes_after(monkeypatch, calls: int) -> None:
     """Simulate a full disk: the ``calls``-th NIfTI write (and later ones) writes half a file
     and fails with ENOSPC."""
-    import brainbag.predict
+    import brainbag.run.predict
 
-    real = brainbag.predict.save_nifti_atomic
+    real = brainbag.run.predict.save_nifti_atomic
     seen = {"n": 0}
 
     def failing(img, path: Path) -> None:
         seen["n"] += 1
         if seen["n"] < calls:
             return real(img, path)
-        from brainbag.outputs import atomic_path
+        from brainbag.run.outputs import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_bytes(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
-    monkeypatch.setattr(brainbag.predict, "save_nifti_atomic", failing)
+    monkeypatch.setattr(brainbag.run.predict, "save_nifti_atomic", failing)
 
 
 def _leftovers(out: Path) -> list[str]:

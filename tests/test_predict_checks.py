@@ -17,12 +17,12 @@ from conftest import ProbeModel, linear_field, make_affine, rotation, save, worl
 from phantom import GM, WM, egg_radius, head, world_bias
 from typer.testing import CliRunner
 
-import brainbag.predict
+import brainbag.run.predict
 from brainbag.cli import app
 from brainbag.errors import InputError
-from brainbag.inference import InferenceSettings
-from brainbag.predict import Predictor, PredictSettings
-from brainbag.weights import LoadedWeights, WeightsMeta
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.predict import Predictor, PredictSettings
+from brainbag.weights.file import LoadedWeights, WeightsMeta
 
 runner = CliRunner()
 
@@ -166,7 +166,7 @@ def test_cli_passes_force_n4_and_save_conformed(tmp_path: Path, monkeypatch) -> 
         seen["settings"] = settings
         return []
 
-    monkeypatch.setattr(brainbag.predict, "run_predict", fake_run)
+    monkeypatch.setattr(brainbag.run.predict, "run_predict", fake_run)
     img = save(np.ones((8, 8, 8)), make_affine(), tmp_path / "x.nii.gz")
     result = runner.invoke(app, ["predict", str(img), "--force", "--n4", "--save-conformed"])
     assert result.exit_code == 0, result.output

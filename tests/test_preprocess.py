@@ -7,8 +7,8 @@ import pytest
 from conftest import make_affine, save
 
 from brainbag.errors import InputError
-from brainbag.io import load_image
-from brainbag.preprocess import conform, load_mask, whiten
+from brainbag.image.io import load_image
+from brainbag.image.preprocess import conform, load_mask, whiten
 
 
 def _brain(shape=(30, 34, 28), value_range=(50.0, 150.0), seed=0):

@@ -19,10 +19,10 @@ import pytest
 from conftest import linear_field, make_affine, save
 from test_geometry import RADIUS, _probe_weights, _scan
 
-from brainbag.inference import InferenceSettings
-from brainbag.io import load_image
-from brainbag.predict import Predictor, PredictSettings
-from brainbag.report import PNG_SIZE, overlay_views, write_index
+from brainbag.image.io import load_image
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.predict import Predictor, PredictSettings
+from brainbag.run.report import PNG_SIZE, overlay_views, write_index
 
 DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
               "S": (0, 0, 1), "I": (0, 0, -1)}
@@ -154,7 +154,7 @@ def test_matplotlib_is_imported_only_to_draw() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import brainbag.cli, brainbag.predict, brainbag.report; "
+    code = ("import sys; import brainbag.cli, brainbag.run.predict, brainbag.run.report; "
             "print('matplotlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
@@ -175,8 +175,8 @@ def test_check_warnings_reach_the_png_and_index_html(tmp_path: Path, tiny_weight
                                                      monkeypatch) -> None:
     """Issue 16: check warnings reached the console, TSV and JSON, but not the PNG or
     index.html, where a reviewer looks."""
-    import brainbag.report as report
-    from brainbag.predict import run_predict
+    import brainbag.run.report as report
+    from brainbag.run.predict import run_predict
 
     path, _ = _scan(tmp_path, "oblique-anisotropic")  # a ball: --force turns failures to warnings
     drawn: dict[str, list[str]] = {}
@@ -202,7 +202,7 @@ def test_check_warnings_reach_the_png_and_index_html(tmp_path: Path, tiny_weight
 def test_warnings_on_the_png_are_drawn_and_shortened(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    from brainbag.report import SliceView, save_overlay_png, short_warning
+    from brainbag.run.report import SliceView, save_overlay_png, short_warning
 
     assert short_warning("bias_field: 30 % across the brain; expected < 20 %; use --n4") == \
         "bias_field: 30 % across the brain"

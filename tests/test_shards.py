@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from brainbag.discover import OutputLocation, ScanInput
 from brainbag.errors import UsageError
-from brainbag.shards import (
+from brainbag.run.discover import OutputLocation, ScanInput
+from brainbag.run.shards import (
     MergeError,
     Shard,
     ShardState,
@@ -93,7 +93,7 @@ def test_bad_shards_are_usage_errors(text, env, message) -> None:
 
 def _fake_shards(out: Path, n_inputs: int, count: int, weights: str = "w" * 64,
                  fingerprint: str = "f", drop_rows: int = 0) -> list[ScanInput]:
-    from brainbag.outputs import TSV_COLUMNS, write_tsv_atomic
+    from brainbag.run.outputs import TSV_COLUMNS, write_tsv_atomic
 
     items = _items([f"sub{i:05d}" for i in range(n_inputs)])
     for k in range(1, count + 1):
@@ -289,7 +289,7 @@ def test_shard_auto_from_slurm_and_torchrun(env, name, tmp_path: Path, tiny_weig
 
 def test_an_ordinary_run_is_refused_while_a_shard_holds_the_folder(tmp_path: Path,
                                                                     tiny_weights) -> None:
-    from brainbag.lock import OutputLock
+    from brainbag.run.lock import OutputLock
 
     data, weights = _folder(tmp_path, n=2), tiny_weights()
     out = tmp_path / "out"

@@ -12,10 +12,10 @@ import numpy as np
 from typer.testing import CliRunner
 
 from brainbag.cli import app
-from brainbag.inference import InferenceSettings
-from brainbag.manifest import load_catalog
-from brainbag.predict import Predictor, PredictSettings
-from brainbag.weights import open_weights
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.predict import Predictor, PredictSettings
+from brainbag.weights.file import open_weights
+from brainbag.weights.manifest import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"

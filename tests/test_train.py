@@ -18,9 +18,9 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from brainbag.cli import app
-from brainbag.config import TrainConfig
-from brainbag.model import BagNet3D, BagNetConfig
-from brainbag.train import (
+from brainbag.network.model import BagNet3D, BagNetConfig
+from brainbag.train.config import TrainConfig
+from brainbag.train.trainer import (
     LossSpec,
     PooledNet,
     QuietReporter,
@@ -28,7 +28,7 @@ from brainbag.train import (
     accumulate_gradients,
     run_training,
 )
-from brainbag.weights import load_weights, read_meta
+from brainbag.weights.file import load_weights, read_meta
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,8 @@ def test_training_learns_age_from_local_texture(tmp_path: Path, side: int, crop:
                                                 epochs: int) -> None:
     """A narrow RF-9 BagNet trained by `brainbag train` for a few CPU minutes predicts the age of
     held-out subjects (through the predict path) far better than their mean age does."""
-    from brainbag.evaluate import EvaluateSettings, run_evaluate
-    from brainbag.inference import InferenceSettings
+    from brainbag.network.inference import InferenceSettings
+    from brainbag.train.evaluate import EvaluateSettings, run_evaluate
 
     data = make_dataset(tmp_path / "data", 60, shape=(side,) * 3, seed=0, split_every=5)
     out = tmp_path / "run"
@@ -267,7 +267,7 @@ class _Messages(QuietReporter):
 def test_resume_of_a_finished_run_says_nothing_to_do_before_loading_volumes(
         tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """Issue 16: `train --resume` of a finished run loaded every volume first."""
-    import brainbag.train as bt
+    import brainbag.train.trainer as bt
 
     out = tmp_path / "run"
     first = run_training(_config(tiny_data, out, epochs=1), QuietReporter())
@@ -341,16 +341,16 @@ def test_ddp_with_two_gloo_processes_runs_an_epoch_like_one_process(
 
 
 def test_cli_builds_the_config_it_was_asked_for(tmp_path: Path, monkeypatch) -> None:
-    import brainbag.train
+    import brainbag.train.trainer
 
     seen: dict[str, Any] = {}
 
     def fake(config, reporter=None, resume=False, explicit=()):
         seen.update(config=config, resume=resume, explicit=set(explicit))
-        return brainbag.train.TrainResult(out=Path(config.out), epochs=0, best_epoch=None,
+        return brainbag.train.trainer.TrainResult(out=Path(config.out), epochs=0, best_epoch=None,
                                           best={}, weights=Path("w"))
 
-    monkeypatch.setattr(brainbag.train, "run_training", fake)
+    monkeypatch.setattr(brainbag.train.trainer, "run_training", fake)
     result = runner.invoke(app, [
         "train", "data.tsv", "--recipe", "camcan-paper", "--out", str(tmp_path / "r"),
         "--rf", "33", "--task", "age", "--epochs", "7", "--batch-size", "8", "--micro-batch",

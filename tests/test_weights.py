@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from brainbag.errors import WeightsError
-from brainbag.io import sha256_file
-from brainbag.model import BagNet3D, BagNetConfig
-from brainbag.weights import (
+from brainbag.image.io import sha256_file
+from brainbag.network.model import BagNet3D, BagNetConfig
+from brainbag.weights.file import (
     FORMAT,
     WeightsMeta,
     load_weights,
@@ -127,7 +127,7 @@ def test_meta_ignores_unknown_future_fields() -> None:
 
 def test_weights_files_get_the_mode_of_other_outputs(tmp_path: Path) -> None:
     """Issue 16: weights.safetensors was written 0600 while the run's other files are 0644."""
-    from brainbag.outputs import default_mode, write_text_atomic
+    from brainbag.run.outputs import default_mode, write_text_atomic
 
     model = BagNet3D(BagNetConfig.for_rf(9, width=2))
     path = tmp_path / "weights.safetensors"
@@ -141,7 +141,7 @@ def test_weights_files_get_the_mode_of_other_outputs(tmp_path: Path) -> None:
 
 def test_model_card_headings_are_one_line_each() -> None:
     """Issue 16: the Validation heading of MODEL_CARD.md was split over two lines."""
-    from brainbag.train import model_card
+    from brainbag.train.trainer import model_card
 
     model = BagNet3D(BagNetConfig.for_rf(9, width=2))
     meta = random_weights_meta(model, "card-test")

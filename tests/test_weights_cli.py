@@ -15,11 +15,11 @@ from conftest import make_affine, save
 from manifests import entry_for, write_manifest
 from typer.testing import CliRunner
 
-import brainbag.predict
+import brainbag.run.predict
 from brainbag.cli import app
-from brainbag.hub import cache_path
-from brainbag.io import sha256_file
-from brainbag.manifest import read_manifest
+from brainbag.image.io import sha256_file
+from brainbag.weights.hub import cache_path
+from brainbag.weights.manifest import read_manifest
 
 runner = CliRunner()
 REPO = "lab/brainbag-weights"
@@ -58,11 +58,11 @@ def lab(fake_hub, tiny_weights, tmp_path, monkeypatch):
     """Two weights files on the test hub and a manifest pinning them (RF 9 is the default).
     The shipped manifest is replaced by an empty one, so that the lab's entries are all there
     is to list, fetch and verify."""
-    import brainbag.manifest
+    import brainbag.weights.manifest
 
     empty = tmp_path / "shipped-empty.json"
     empty.write_text('{"format": "brainbag-manifest/1", "weights": []}')
-    monkeypatch.setattr(brainbag.manifest, "SHIPPED_MANIFEST", empty)
+    monkeypatch.setattr(brainbag.weights.manifest, "SHIPPED_MANIFEST", empty)
     w9, w17 = tiny_weights(rf=9), tiny_weights(rf=17)
     c9 = fake_hub.add_file(REPO, "rf9.safetensors", w9.read_bytes())
     c17 = fake_hub.add_file(REPO, "sub/rf17.safetensors", w17.read_bytes())
@@ -90,7 +90,7 @@ def test_predict_passes_the_weights_options_through(tmp_path: Path, monkeypatch)
         seen["settings"] = settings
         return []
 
-    monkeypatch.setattr(brainbag.predict, "run_predict", fake_run)
+    monkeypatch.setattr(brainbag.run.predict, "run_predict", fake_run)
     result = runner.invoke(app, [
         "predict", str(_brain(tmp_path)), "--weights", "lab-rf9-v1", "--manifest", "a.json",
         "--manifest", "b.json", "--cache-dir", str(tmp_path / "c"), "--offline"])
@@ -321,7 +321,7 @@ def test_weights_commands_import_neither_torch_nor_huggingface_hub_to_list() -> 
 def test_weights_info_of_a_file_prints_its_metadata_and_model_card(tmp_path: Path,
                                                                    tiny_weights) -> None:
     """Issue 16: `weights info FILE` answered "unknown weights id"."""
-    from brainbag.weights import read_meta
+    from brainbag.weights.file import read_meta
 
     shipped = Path(__file__).resolve().parents[1] / "weights_manifest" / \
         "bagnet3d-rf9-ixi-open-v1.safetensors"

@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from brainbag.manifest import WeightsEntry, manifest_document, read_manifest
-from brainbag.outputs import write_json_atomic, write_text_atomic
-from brainbag.weights import load_weights, save_weights
+from brainbag.run.outputs import write_json_atomic, write_text_atomic
+from brainbag.weights.file import load_weights, save_weights
+from brainbag.weights.manifest import WeightsEntry, manifest_document, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_DIR = REPO / "weights_manifest"
@@ -61,7 +61,7 @@ def metrics_list(cv: dict[str, Any], command: str) -> list[dict[str, Any]]:
 
 
 def calibration_text(cal: dict[str, Any]) -> str:
-    """The model card's bullet list of a calibration (brainbag.clinical.fit_calibration)."""
+    """The model card's bullet list of a calibration (brainbag.person.clinical.fit_calibration)."""
     if not cal:
         return "- nothing: these weights carry no calibration (raw gap only)."
     lines = []

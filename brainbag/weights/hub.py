@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from brainbag import __version__
 from brainbag.errors import UsageError, WeightsError
-from brainbag.manifest import HfSource, WeightsEntry, check_relative_filename, parse_entry
+from brainbag.weights.manifest import HfSource, WeightsEntry, check_relative_filename, parse_entry
 
 ENV_CACHE = "BRAINBAG_CACHE_DIR"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -108,7 +108,7 @@ def cache_path(hf: HfSource, cache_dir: Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    from brainbag.io import sha256_file
+    from brainbag.image.io import sha256_file
 
     return sha256_file(path)
 
@@ -332,7 +332,7 @@ def _metrics(path: Path | None) -> list[dict[str, Any]]:
 
 def draft_entry(settings: PublishSettings, revision: str) -> WeightsEntry:
     """The manifest entry for ``settings.file`` at ``revision`` (validated like any entry)."""
-    from brainbag.weights import SUFFIX, read_meta
+    from brainbag.weights.file import SUFFIX, read_meta
 
     path = Path(settings.file)
     if path.suffix != SUFFIX:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from brainbag.errors import BrainbagError, InputError, one_line
-from brainbag.io import (
+from brainbag.image.io import (
     CORRUPT_FILE_ERRORS,
     MAX_VOXELS,
     LoadedImage,
@@ -227,7 +227,7 @@ class CheckContext:
         return self._cached("brain", self._brain, "no brain mask")  # type: ignore[no-any-return]
 
     def _brain(self) -> BrainMask:
-        from brainbag.preprocess import load_mask
+        from brainbag.image.preprocess import load_mask
 
         loaded = self.loaded()
         voxel_l = float(np.prod(loaded.zooms)) / 1e6
@@ -711,7 +711,7 @@ def check_field_of_view(ctx: CheckContext) -> CheckResult:
 
 def check_bias_field(ctx: CheckContext) -> CheckResult:
     """Low-frequency intensity non-uniformity within the brain, as N4 estimates it."""
-    from brainbag.fixes import estimate_bias, n4_correct
+    from brainbag.image.fixes import estimate_bias, n4_correct
 
     brain = ctx.usable_brain()
     loaded = ctx.loaded()

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from brainbag.discover import discover_bids, read_description
 from brainbag.errors import InputError, UsageError
-from brainbag.io import bounding_box, box_overlap
-from brainbag.tables import ID_COLUMNS, MISSING, bare, column, labels, read_table
+from brainbag.image.io import bounding_box, box_overlap
+from brainbag.person.tables import ID_COLUMNS, MISSING, bare, column, labels, read_table
+from brainbag.run.discover import discover_bids, read_description
 
 if TYPE_CHECKING:
-    from brainbag.preprocess import Conformed
+    from brainbag.image.preprocess import Conformed
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".tsv", ".csv")
@@ -410,7 +410,7 @@ class Volume:
 
     def brain_start(self, size: Sequence[int]) -> tuple[int, int, int]:
         """Start of the ``size`` view centred on the brain's bounding box (as predict's
-        :func:`brainbag.inference.brain_view`, without growing: a larger brain is cut)."""
+        :func:`brainbag.network.inference.brain_view`, without growing: a larger brain is cut)."""
         lo, hi = self.brain if self.brain is not None else (
             self.offset, tuple(o + n for o, n in zip(self.offset, self.data.shape, strict=True)))
         return (lo[0] - (size[0] - (hi[0] - lo[0])) // 2,
@@ -424,8 +424,8 @@ class Volume:
 
 def conform_record(record: ImageRecord, spacing: float = 1.0) -> Conformed:
     """Read one image (and its mask) and conform it with the code ``predict`` uses."""
-    from brainbag.io import load_image
-    from brainbag.preprocess import conform, load_mask
+    from brainbag.image.io import load_image
+    from brainbag.image.preprocess import conform, load_mask
 
     loaded = load_image(record.t1w)
     mask = load_mask(record.mask, loaded) if record.mask is not None else None

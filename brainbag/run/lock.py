@@ -11,7 +11,7 @@ and says how to go on (README, "One writer per output folder").
 The lock file is removed when the run ends (the folder too, when this run created it and left it
 empty), so a run that writes nothing leaves nothing behind.
 
-Shards (``predict --shard K/N``, :mod:`brainbag.shards`) share one output folder: each takes the
+Shards (``predict --shard K/N``, :mod:`brainbag.run.shards`) share one output folder: each takes the
 folder's lock *shared* (so an ordinary run is refused while any shard runs, and a shard while an
 ordinary run does) and its own exclusive lock ``shards/.K-of-N.lock`` (so the same shard cannot
 run twice). A shared lock file is left in place when a shard ends, since other shards may hold it.

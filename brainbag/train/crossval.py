@@ -18,20 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from brainbag.clinical import fit_calibration
-from brainbag.config import TrainConfig
-from brainbag.datasets import ImageRecord, discover
 from brainbag.errors import InputError, UsageError
-from brainbag.evaluate import (
+from brainbag.network.inference import InferenceSettings
+from brainbag.person.clinical import fit_calibration
+from brainbag.person.tables import bare, read_table
+from brainbag.run.outputs import write_json_atomic, write_text_atomic
+from brainbag.train.config import TrainConfig
+from brainbag.train.datasets import ImageRecord, discover
+from brainbag.train.evaluate import (
     EvaluateSettings,
     age_metrics,
     predictions_tsv,
     run_evaluate,
     sex_metrics,
 )
-from brainbag.inference import InferenceSettings
-from brainbag.outputs import write_json_atomic, write_text_atomic
-from brainbag.tables import bare, read_table
 
 FOLDS_COLUMNS = ("participant_id", "fold", "source", "age")
 
@@ -146,8 +146,8 @@ def run_crossval(
 ) -> CrossvalResult:
     """Train and evaluate every fold; write ``OUT/predictions.tsv``, ``metrics.json``,
     ``table.tsv``. ``train(config, resume)`` runs one fold's training (default:
-    :func:`brainbag.train.run_training`)."""
-    from brainbag.train import run_training
+    :func:`brainbag.train.trainer.run_training`)."""
+    from brainbag.train.trainer import run_training
 
     source = discover(data)
     root = source.root  # the folder of the table, the BIDS root or the Cam-CAN folder

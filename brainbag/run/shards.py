@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brainbag.discover import ScanInput
 from brainbag.errors import BrainbagError, UsageError
-from brainbag.outputs import TSV_COLUMNS, write_json_atomic, write_tsv_atomic
+from brainbag.run.discover import ScanInput
+from brainbag.run.outputs import TSV_COLUMNS, write_json_atomic, write_tsv_atomic
 
 SHARDS_DIR = "shards"
 
@@ -303,7 +303,7 @@ def merge(out: Path, write: bool = True) -> MergeResult:
     if write:
         write_tsv_atomic(out / "predictions.tsv", merged)
         if any(s.png for s in states):
-            from brainbag.report import write_index
+            from brainbag.run.report import write_index
 
             write_index(out, merged)
     return result

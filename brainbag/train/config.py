@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
-REPO_TRAINING = Path(__file__).resolve().parents[1] / "training"
+REPO_TRAINING = Path(__file__).resolve().parents[2] / "training"
 TASKS = ("age", "sex", "both")
 BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy", "last")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from brainbag.errors import UsageError
-from brainbag.io import is_image_path, strip_image_suffix, subject_name
-from brainbag.tables import parse_age, parse_sex
+from brainbag.image.io import is_image_path, strip_image_suffix, subject_name
+from brainbag.person.tables import parse_age, parse_sex
 
 SourceKind = Literal["files", "folder", "bids", "list"]
 LIST_SUFFIXES = (".txt", ".list", ".lst")

@@ -12,10 +12,10 @@ Sources, the first that applies:
 3. A BIDS dataset's own tables: ``participants.tsv`` (``age``, ``sex``), overridden per session
    by ``sub-X/sub-X_sessions.tsv`` and per image by ``sub-X/[ses-Y/]sub-X[_ses-Y]_scans.tsv``
    (``filename`` column) where those record an age (or sex).
-4. A list file's third and fourth columns (read by :func:`brainbag.discover.read_list`).
+4. A list file's third and fourth columns (read by :func:`brainbag.run.discover.read_list`).
 
 Missing and ``n/a`` values leave the fields empty; an unreadable value is an error naming the
-file, row and column (:mod:`brainbag.tables`).
+file, row and column (:mod:`brainbag.person.tables`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from brainbag.discover import Demographics, Discovery, ScanInput
 from brainbag.errors import UsageError
-from brainbag.io import subject_name
-from brainbag.tables import (
+from brainbag.image.io import subject_name
+from brainbag.person.tables import (
     ID_COLUMNS,
     SEX_COLUMNS,
     bare,
@@ -38,6 +37,7 @@ from brainbag.tables import (
     parse_sex,
     read_table,
 )
+from brainbag.run.discover import Demographics, Discovery, ScanInput
 
 _SESSION_COLUMNS = ("session_id", "session")
 _PATH_COLUMNS = ("t1w", "image", "path", "filename")

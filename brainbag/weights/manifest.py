@@ -49,13 +49,14 @@ def _shipped_manifest_path() -> Path:
         spec = None
     if spec is not None and spec.origin:
         return Path(spec.origin).parent / "manifest.json"
-    return Path(__file__).resolve().parents[1] / "weights_manifest" / "manifest.json"
+    return Path(__file__).resolve().parents[2] / "weights_manifest" / "manifest.json"
 
 
 SHIPPED_MANIFEST = _shipped_manifest_path()
 
-#: Receptive fields and heads brainbag's model registry knows (checked against brainbag.model in
-#: the tests; repeated here so that reading a manifest does not import torch).
+#: Receptive fields and heads brainbag's model registry knows (checked against
+#: brainbag.network.model in the tests; repeated here so that reading a manifest does not import
+#: torch).
 KNOWN_RF = (9, 17, 33, 177)
 KNOWN_HEADS = ("age", "sex")
 
@@ -414,7 +415,7 @@ def add_entry(path: Path, entry: WeightsEntry) -> None:
     """
     from dataclasses import replace
 
-    from brainbag.outputs import write_text_atomic
+    from brainbag.run.outputs import write_text_atomic
 
     path = Path(path).expanduser().absolute()
     existing = read_manifest(path) if path.exists() else []

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from brainbag.checks import CheckReport
-from brainbag.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
 from brainbag.errors import InputError, UsageError
-from brainbag.inference import InferenceSettings
-from brainbag.outputs import write_json_atomic, write_text_atomic
+from brainbag.image.checks import CheckReport
+from brainbag.network.inference import InferenceSettings
+from brainbag.run.outputs import write_json_atomic, write_text_atomic
+from brainbag.train.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
 
 PREDICTION_COLUMNS = ("participant_id", "session", "split", "t1w", "age", "predicted_age",
                       "age_error", "sex", "p_female", "predicted_sex", "map_spread")
@@ -179,9 +179,9 @@ def run_evaluate(
     settings: EvaluateSettings, on_image: Callable[[int, int, ImageRecord], None] | None = None,
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
-    from brainbag.clinical import map_spread
-    from brainbag.predict import interpret, run_weights
-    from brainbag.weights import load_weights
+    from brainbag.person.clinical import map_spread
+    from brainbag.run.predict import interpret, run_weights
+    from brainbag.weights.file import load_weights
 
     settings.validate()
     _, records = select_records(settings)
@@ -229,9 +229,9 @@ def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
     """Run predict's input checks on every image before any inference, so a bad image stops
     the evaluation at once (with the line predict would print) unless ``settings.force``.
     An image that cannot be read stops it even with ``--force``."""
-    from brainbag.checks import CheckOptions, run_checks
-    from brainbag.io import load_image
-    from brainbag.preprocess import load_mask
+    from brainbag.image.checks import CheckOptions, run_checks
+    from brainbag.image.io import load_image
+    from brainbag.image.preprocess import load_mask
 
     reports = []
     for record in records:
@@ -348,7 +348,7 @@ def scatter_png(path: Path, result: WeightsResult) -> None:
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
-    from brainbag.outputs import atomic_path
+    from brainbag.run.outputs import atomic_path
 
     pts = [(r["age"], r["predicted_age"]) for r in result.rows
            if r["age"] is not None and r["predicted_age"] is not None]

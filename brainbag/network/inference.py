@@ -126,7 +126,7 @@ def brain_view(mask: np.ndarray, size: tuple[int, int, int] | list[int], multipl
     brain, not on the field of view: padding or cropping the scan around the brain gives the
     same view (training draws its views the same way, jittered).
     """
-    from brainbag.io import bounding_box
+    from brainbag.image.io import bounding_box
 
     bounds = bounding_box(np.asarray(mask, dtype=bool))
     if bounds is None:
@@ -144,7 +144,7 @@ def brain_view(mask: np.ndarray, size: tuple[int, int, int] | list[int], multipl
 def cut_view(volume: np.ndarray, start: tuple[int, int, int], size: tuple[int, int, int],
              fill: float) -> np.ndarray:
     """``volume[start : start + size]`` with ``fill`` wherever the box leaves the array."""
-    from brainbag.io import box_overlap
+    from brainbag.image.io import box_overlap
 
     out = np.full(size, fill, dtype=volume.dtype)
     overlap = box_overlap(start, size, volume.shape)
@@ -415,7 +415,7 @@ def predict_maps(
         )
     brain = None
     if mask is not None:
-        from brainbag.model import cell_weights
+        from brainbag.network.model import cell_weights
 
         t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
         brain = cell_weights(t, model.stride, model.map_offset, list(target))[0].numpy()

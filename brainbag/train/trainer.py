@@ -2,9 +2,10 @@
 
 One step = one effective batch (16 in the paper's recipe) of random crops with random left-right
 flips, cut on the device from volumes cached in memory after the same preprocessing ``predict``
-uses (:func:`brainbag.preprocess.conform`). Every norm in BagNet-3D is per-sample InstanceNorm, so
-a real batch has exactly the gradient of the paper's 16 accumulated single-crop steps; the batch
-is split into ``micro_batch`` forward passes only to fit memory (same gradient again).
+uses (:func:`brainbag.image.preprocess.conform`). Every norm in BagNet-3D is per-sample
+InstanceNorm, so a real batch has exactly the gradient of the paper's 16 accumulated single-crop
+steps; the batch is split into ``micro_batch`` forward passes only to fit memory (same gradient
+again).
 
 Loss per sample (averaged over the batch): ``age_loss_weight * (age_pred - age)^2`` on the
 standardised age (training-set mean and std, stored in the weights) plus
@@ -40,8 +41,12 @@ import torch
 from torch import nn
 
 from brainbag import __version__
-from brainbag.config import TrainConfig, read_toml, to_toml
-from brainbag.datasets import (
+from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
+from brainbag.network.inference import bf16_supported, resolve_device
+from brainbag.network.model import BagNet3D, BagNetConfig
+from brainbag.run.outputs import atomic_path, write_text_atomic
+from brainbag.train.config import TrainConfig, read_toml, to_toml
+from brainbag.train.datasets import (
     DataSource,
     ImageRecord,
     Volume,
@@ -52,11 +57,7 @@ from brainbag.datasets import (
     random_split,
     splits_tsv,
 )
-from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
-from brainbag.inference import bf16_supported, resolve_device
-from brainbag.model import BagNet3D, BagNetConfig
-from brainbag.outputs import atomic_path, write_text_atomic
-from brainbag.weights import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
+from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
 CHECKPOINT_FORMAT = "brainbag-checkpoint/1"
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae", "val_accuracy", "lr", "seconds")

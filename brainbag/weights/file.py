@@ -1,18 +1,18 @@
 """The brainbag weights file: safetensors tensors plus self-describing metadata.
 
 A weights file carries everything needed to rebuild and use the model: the architecture name and
-kwargs (rebuilt through :data:`brainbag.model.ARCHITECTURES`), the heads, the age target scaling,
-the preprocessing it expects, the training data and the code version. Only safetensors is read:
-nothing is ever unpickled.
+kwargs (rebuilt through :data:`brainbag.network.model.ARCHITECTURES`), the heads, the age target
+scaling, the preprocessing it expects, the training data and the code version. Only safetensors is
+read: nothing is ever unpickled.
 
 Metadata layout (safetensors metadata is ``str -> str``)::
 
     format    = "brainbag-weights/1"
     brainbag  = JSON of WeightsMeta
 
-``--weights`` is either a path or a manifest id (:mod:`brainbag.manifest`); a manifest entry is
-fetched and verified by :mod:`brainbag.hub`, and its sha256 is checked again here, before the file
-is parsed, by :func:`load_weights`.
+``--weights`` is either a path or a manifest id (:mod:`brainbag.weights.manifest`); a manifest entry
+is fetched and verified by :mod:`brainbag.weights.hub`, and its sha256 is checked again here, before
+the file is parsed, by :func:`load_weights`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ from torch import nn
 
 from brainbag import __version__
 from brainbag.errors import UsageError, WeightsError
-from brainbag.hub import HubSettings, resolve_entry
-from brainbag.io import sha256_file
-from brainbag.manifest import ENV_MANIFEST, WeightsEntry, load_catalog
-from brainbag.model import BagNet3D, build_model
-from brainbag.outputs import atomic_path
+from brainbag.image.io import sha256_file
+from brainbag.network.model import BagNet3D, build_model
+from brainbag.run.outputs import atomic_path
+from brainbag.weights.hub import HubSettings, resolve_entry
+from brainbag.weights.manifest import ENV_MANIFEST, WeightsEntry, load_catalog
 
 FORMAT = "brainbag-weights/1"
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
-#: What brainbag's own preprocessing produces (see brainbag.preprocess).
+#: What brainbag's own preprocessing produces (see brainbag.image.preprocess).
 DEFAULT_PREPROCESSING: dict[str, Any] = {
     "orientation": "RAS+ (closest, by axis permutation)",
     "voxel_mm": 1.0,
@@ -66,7 +66,7 @@ class WeightsMeta:
     #: how the global prediction pools the local map: "all" map voxels (the network's plain
     #: global average; older weights) or "brain" (brain-fraction-weighted mean, masked pooling)
     pooling: str = "all"
-    #: how to read a prediction for a person (brainbag.clinical.fit_calibration): bias
+    #: how to read a prediction for a person (brainbag.person.clinical.fit_calibration): bias
     #: correction, age interval, map-spread range, sex thresholds; {} for uncalibrated weights
     calibration: dict[str, Any] = field(default_factory=dict)
     code_version: str = __version__
@@ -167,7 +167,7 @@ def read_meta(path: Path) -> WeightsMeta:
         raise WeightsError(
             f"weights {path} is a safetensors file without brainbag metadata "
             f"(format={metadata.get('format')!r}); brainbag needs files written by "
-            "`brainbag train` or brainbag.weights.save_weights"
+            "`brainbag train` or brainbag.weights.file.save_weights"
         )
     try:
         return WeightsMeta.from_json(metadata["brainbag"])
@@ -220,7 +220,7 @@ def _check_path(path: Path) -> None:
 
 def _what_file(path: Path) -> str:
     """What a file given as weights seems to be, from its name."""
-    from brainbag.io import is_image_path
+    from brainbag.image.io import is_image_path
 
     name = path.name.lower()
     if name.endswith(".ckpt"):
@@ -246,7 +246,7 @@ def _what_is_wanted(path: Path) -> str:
                    "--resume` continues the run and writes it")
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         wanted += ("; brainbag never loads pickled weights (convert a trained model with "
-                   "brainbag.weights.save_weights)")
+                   "brainbag.weights.file.save_weights)")
     return wanted
 
 
@@ -276,7 +276,7 @@ def file_card(path: Path) -> FileCard:
     """The metadata of a weights file (no tensors loaded) and its model card: ``MODEL_CARD.md``
     beside a run's ``weights.safetensors``, ``<stem>.md`` beside any other file, else the card
     written from the file's own metadata."""
-    from brainbag.train import model_card
+    from brainbag.train.trainer import model_card
 
     path = Path(path).expanduser()
     meta = read_meta(path)
@@ -353,7 +353,7 @@ def resolve_weights(
 
     Without ``spec`` the manifests' default entry for ``rf`` (9 when not given) is used; when
     there is none, the error says that no trained weights are installed and how to supply them.
-    Manifest entries are fetched if needed (see :mod:`brainbag.hub`) and hash-verified.
+    Manifest entries are fetched if needed (see :mod:`brainbag.weights.hub`) and hash-verified.
     """
     if spec is not None and _looks_like_path(spec):
         path = Path(spec).expanduser()

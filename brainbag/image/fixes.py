@@ -1,6 +1,6 @@
 """Fixes applied in-process before prediction: N4 bias-field correction.
 
-Resampling to 1 mm is the other fix; it lives in :func:`brainbag.preprocess.conform`.
+Resampling to 1 mm is the other fix; it lives in :func:`brainbag.image.preprocess.conform`.
 
 N4 (Tustison et al. 2010, SimpleITK's ``N4BiasFieldCorrectionImageFilter``) estimates a smooth
 multiplicative field within the brain mask. For speed the field is fitted on a shrunk copy of the

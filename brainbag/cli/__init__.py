@@ -32,9 +32,9 @@ def _default(text: str) -> str:
 
 
 def _train_default(key: str) -> str:
-    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.config.TrainConfig`
+    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.train.config.TrainConfig`
     default, so the help cannot drift from the configuration."""
-    from brainbag.config import TrainConfig
+    from brainbag.train.config import TrainConfig
 
     value = getattr(TrainConfig(), key)
     if isinstance(value, bool):
@@ -326,9 +326,9 @@ def predict(
     "Reading the numbers".
     """
     _large_pages_for_torch()
-    from brainbag.inference import InferenceSettings
-    from brainbag.model import RF_KERNEL3
-    from brainbag.predict import PredictSettings, run_predict
+    from brainbag.network.inference import InferenceSettings
+    from brainbag.network.model import RF_KERNEL3
+    from brainbag.run.predict import PredictSettings, run_predict
 
     if rf is not None and rf not in RF_KERNEL3:
         fail(UsageError(f"--rf must be one of {sorted(RF_KERNEL3)}, got {rf}"), EXIT_USAGE)
@@ -366,8 +366,8 @@ def predict(
     )
     import time
 
-    from brainbag.batch import summarize
-    from brainbag.progress import ConsoleObserver, print_summary
+    from brainbag.run.batch import summarize
+    from brainbag.run.progress import ConsoleObserver, print_summary
 
     console = _console()
     err = _console(stderr=True)
@@ -398,7 +398,7 @@ def _print_shards(console: Any, out: Path) -> None:
     """After a shard: how many shards are done, and whether their tables were merged."""
     from rich.markup import escape
 
-    from brainbag.shards import all_finished, merge, shard_states
+    from brainbag.run.shards import all_finished, merge, shard_states
 
     states = shard_states(out)
     done = sum(1 for s in states if s.state == "complete")
@@ -428,7 +428,7 @@ def merge(
     """
     from rich.markup import escape
 
-    from brainbag.shards import merge as merge_shards
+    from brainbag.run.shards import merge as merge_shards
 
     err = _console(stderr=True)
     try:
@@ -489,8 +489,8 @@ def check(
     for --rf 9 unless --rf or --weights says otherwise). Exit code 0 when no check fails
     (warnings allowed), 1 when any check fails.
     """
-    from brainbag.checks import CheckOptions, check_inputs
-    from brainbag.weights import input_expectations
+    from brainbag.image.checks import CheckOptions, check_inputs
+    from brainbag.weights.file import input_expectations
 
     if mask is not None and len(inputs) > 1:
         fail(UsageError("--mask applies to one input; check one input per run with --mask"),
@@ -556,7 +556,7 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer:
     from rich.markup import escape
     from rich.table import Table
 
-    from brainbag.report import number
+    from brainbag.run.report import number
 
     if len(records) == 1 and records[0].get("status") == "ok":
         _print_one(console, records[0])
@@ -620,7 +620,7 @@ def _print_one(console: Any, r: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from brainbag.report import number
+    from brainbag.run.report import number
 
     reading = r.get("reading") or {}
     methods = reading.get("methods") or {}
@@ -696,13 +696,13 @@ app.add_typer(weights_app, name="weights")
 
 
 def _hub(cache_dir: Path | None, offline: bool) -> Any:
-    from brainbag.hub import HubSettings
+    from brainbag.weights.hub import HubSettings
 
     return HubSettings.from_env(cache_dir=cache_dir, offline=offline)
 
 
 def _catalog(manifest: list[Path] | None) -> Any:
-    from brainbag.manifest import load_catalog
+    from brainbag.weights.manifest import load_catalog
 
     try:
         return load_catalog(manifest or ())
@@ -737,7 +737,7 @@ def weights_list(
     """List the weights in the manifests and whether a verified copy is on this machine."""
     import json
 
-    from brainbag.hub import entry_status
+    from brainbag.weights.hub import entry_status
 
     catalog = _catalog(manifest)
     hub = _hub(cache_dir, offline=True)
@@ -778,7 +778,7 @@ def weights_fetch(
     """Download (pinned commit) and verify weights into the cache; exit 1 if any fails."""
     from rich.markup import escape
 
-    from brainbag.hub import resolve_entry
+    from brainbag.weights.hub import resolve_entry
 
     catalog = _catalog(manifest)
     entries = _select(catalog, ids)
@@ -812,7 +812,7 @@ def weights_verify(
     """Hash every weights file present on this machine; exit 1 if any does not match."""
     from rich.markup import escape
 
-    from brainbag.hub import entry_status
+    from brainbag.weights.hub import entry_status
 
     catalog = _catalog(manifest)
     entries = _select(catalog, ids)
@@ -849,8 +849,8 @@ def weights_info(
     """Show the model card of one weights entry or weights file."""
     import json
 
-    from brainbag.hub import entry_status
-    from brainbag.weights import is_weights_path
+    from brainbag.weights.file import is_weights_path
+    from brainbag.weights.hub import entry_status
 
     if is_weights_path(weights_id):
         _file_info(Path(weights_id), as_json)
@@ -887,7 +887,7 @@ def _file_info(path: Path, as_json: bool) -> None:
 
     from rich.markup import escape
 
-    from brainbag.weights import file_card
+    from brainbag.weights.file import file_card
 
     with _exit_on_errors():
         card = file_card(path)
@@ -942,8 +942,8 @@ def weights_publish(
     """
     import json
 
-    from brainbag.hub import PublishSettings, publish
-    from brainbag.manifest import add_entry
+    from brainbag.weights.hub import PublishSettings, publish
+    from brainbag.weights.manifest import add_entry
 
     settings = PublishSettings(
         file=file, repo_id=repo, weights_id=weights_id, filename=filename, branch=branch,
@@ -1077,7 +1077,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a BagNet-3D (the seed recipe by default) into a run folder."""
-    from brainbag.config import resolve
+    from brainbag.train.config import resolve
 
     flags = {
         "split": str(split) if split is not None else None, "rf": rf,
@@ -1092,7 +1092,7 @@ def train(
     with _exit_on_errors():
         config, explicit = resolve(str(data), str(out), recipe, flags)
     console = _console()
-    from brainbag.train import ConsoleReporter, TrainingInterrupted, run_training
+    from brainbag.train.trainer import ConsoleReporter, TrainingInterrupted, run_training
 
     with _exit_on_errors():
         try:
@@ -1132,9 +1132,9 @@ def crossval(
 ) -> None:
     """K-fold cross-validation grouped by subject: one model per fold, held-out predictions
     pooled and compared with the predict-the-training-mean baseline (resumable)."""
-    from brainbag.config import resolve
-    from brainbag.crossval import crossval_rows, run_crossval
-    from brainbag.train import ConsoleReporter, run_training
+    from brainbag.train.config import resolve
+    from brainbag.train.crossval import crossval_rows, run_crossval
+    from brainbag.train.trainer import ConsoleReporter, run_training
 
     flags = {"rf": rf, "epochs": epochs, "width": width,
              "device": device.value if device else None}
@@ -1158,7 +1158,7 @@ def crossval(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     from rich.table import Table
 
-    from brainbag.evaluate import BIAS_SLOPE_NOTE
+    from brainbag.train.evaluate import BIAS_SLOPE_NOTE
 
     table = Table(title=f"brainbag crossval ({result.metrics['folds']} folds, "
                         f"{result.metrics['subjects']} subjects, held-out predictions)",
@@ -1211,8 +1211,8 @@ def evaluate(
     ] = False,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
-    from brainbag.evaluate import EvaluateSettings, run_evaluate, table_rows
-    from brainbag.inference import InferenceSettings
+    from brainbag.network.inference import InferenceSettings
+    from brainbag.train.evaluate import EvaluateSettings, run_evaluate, table_rows
 
     settings = EvaluateSettings(
         data=data, weights=tuple(weights), split=split.value, split_file=split_file, out=out,
@@ -1221,7 +1221,7 @@ def evaluate(
                                     device=device.value, precision=precision.value),
         plot=not no_plot, force=force,
     )
-    from brainbag.progress import StepStatus
+    from brainbag.run.progress import StepStatus
 
     console = _console()
     with _exit_on_errors(), StepStatus(_console(stderr=True), "evaluating...") as status:
@@ -1231,7 +1231,7 @@ def evaluate(
         results = run_evaluate(settings, on_image=progress)
     from rich.table import Table
 
-    from brainbag.evaluate import BIAS_SLOPE_NOTE
+    from brainbag.train.evaluate import BIAS_SLOPE_NOTE
 
     table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})",
                   caption=BIAS_SLOPE_NOTE, caption_justify="left")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from brainbag.discover import Discovery, ScanInput
 from brainbag.errors import UsageError
-from brainbag.lock import LOCK_NAME
-from brainbag.outputs import TSV_COLUMNS, write_tsv_atomic
+from brainbag.run.discover import Discovery, ScanInput
+from brainbag.run.lock import LOCK_NAME
+from brainbag.run.outputs import TSV_COLUMNS, write_tsv_atomic
 
 TSV_NAME = "predictions.tsv"
 INDEX_NAME = "index.html"

@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from brainbag.discover import OutputLocation
-from brainbag.io import (
+from brainbag.image.io import (
     LoadedImage,
     bounding_box,
     ras_transform,
@@ -31,7 +30,8 @@ from brainbag.io import (
     resample_masked,
     voxel_sizes,
 )
-from brainbag.outputs import warning_list, write_text_atomic
+from brainbag.run.discover import OutputLocation
+from brainbag.run.outputs import warning_list, write_text_atomic
 
 FIGSIZE_IN = (12.0, 4.6)
 DPI = 100

@@ -1,16 +1,16 @@
 """The predict pipeline: load, conform, infer, write; one settings object, one call.
 
 For each input, :class:`Predictor` runs two stages: *prepare* (read the file, read its mask, run
-the checks of :mod:`brainbag.checks` (a failed check stops the input unless ``force``), apply the
-requested fixes (N4), conform: mask, RAS+, 1 mm, whitening), which is thread-safe and runs ahead
+the checks of :mod:`brainbag.image.checks` (a failed check stops the input unless ``force``), apply
+the requested fixes (N4), conform: mask, RAS+, 1 mm, whitening), which is thread-safe and runs ahead
 of time in worker threads during a batch, and *infer + write* (run the network over the full
 volume or sliding windows, turn the head outputs into years and P(female), and write the input's
 outputs: ``prediction.json``, ``age_map.nii.gz``, ``sex_map.nii.gz`` and optionally
 ``conformed.nii.gz`` and ``age_map.png``, staged in a hidden folder and renamed into place).
 
-:func:`run_predict` runs a whole batch (see :mod:`brainbag.discover` for inputs and output
-layout, :mod:`brainbag.batch` for the table and resume): ``predictions.tsv`` gets one row per input,
-saved after every input so a kill at any moment leaves a valid table.
+:func:`run_predict` runs a whole batch (see :mod:`brainbag.run.discover` for inputs and output
+layout, :mod:`brainbag.run.batch` for the table and resume): ``predictions.tsv`` gets one row per
+input, saved after every input so a kill at any moment leaves a valid table.
 """
 
 from __future__ import annotations
@@ -31,7 +31,42 @@ from typing import Any, Literal
 import numpy as np
 
 from brainbag import __version__
-from brainbag.batch import (
+from brainbag.errors import (
+    BrainbagError,
+    InputError,
+    OutputError,
+    ProcessingError,
+    UsageError,
+    WeightsError,
+)
+from brainbag.image.checks import CheckOptions, run_checks
+from brainbag.image.io import (
+    Image,
+    LoadedImage,
+    axis_codes,
+    load_image,
+    make_nifti,
+    map_transform,
+    resample_masked,
+    sha256_file,
+)
+from brainbag.image.preprocess import Conformed, conform, load_mask
+from brainbag.network.inference import (
+    InferenceSettings,
+    MapResult,
+    predict_maps,
+    resolve_device,
+    resolve_precision,
+    resolve_threads,
+)
+from brainbag.person.clinical import (
+    READING_COLUMNS,
+    Reading,
+    map_spread,
+    model_figures,
+    read_prediction,
+)
+from brainbag.run.batch import (
     ResultsTable,
     RunObserver,
     RunPlan,
@@ -43,51 +78,22 @@ from brainbag.batch import (
     settings_fingerprint,
     timed,
 )
-from brainbag.checks import CheckOptions, run_checks
-from brainbag.clinical import (
-    READING_COLUMNS,
-    Reading,
-    map_spread,
-    model_figures,
-    read_prediction,
+from brainbag.run.demographics import add_demographics
+from brainbag.run.discover import (
+    Discovery,
+    OutputLocation,
+    ScanInput,
+    dataset_description,
+    discover,
 )
-from brainbag.demographics import add_demographics
-from brainbag.discover import Discovery, OutputLocation, ScanInput, dataset_description, discover
-from brainbag.errors import (
-    BrainbagError,
-    InputError,
-    OutputError,
-    ProcessingError,
-    UsageError,
-    WeightsError,
-)
-from brainbag.inference import (
-    InferenceSettings,
-    MapResult,
-    predict_maps,
-    resolve_device,
-    resolve_precision,
-    resolve_threads,
-)
-from brainbag.io import (
-    Image,
-    LoadedImage,
-    axis_codes,
-    load_image,
-    make_nifti,
-    map_transform,
-    resample_masked,
-    sha256_file,
-)
-from brainbag.lock import OutputLock
-from brainbag.outputs import (
+from brainbag.run.lock import OutputLock
+from brainbag.run.outputs import (
     default_mode,
     display_range,
     save_nifti_atomic,
     write_json_atomic,
 )
-from brainbag.preprocess import Conformed, conform, load_mask
-from brainbag.shards import (
+from brainbag.run.shards import (
     SHARDS_DIR,
     MergeError,
     MergeResult,
@@ -99,7 +105,7 @@ from brainbag.shards import (
     parse_shard,
     start_state,
 )
-from brainbag.weights import LoadedWeights, WeightsMeta, open_weights
+from brainbag.weights.file import LoadedWeights, WeightsMeta, open_weights
 
 MapSpace = Literal["model", "input"]
 
@@ -178,7 +184,7 @@ class WeightsProvider:
 
     def _get(self) -> LoadedWeights:
         if self._loaded is None:
-            from brainbag.hub import HubSettings
+            from brainbag.weights.hub import HubSettings
 
             t0 = time.perf_counter()
             s = self.settings
@@ -334,7 +340,7 @@ class Predictor:
     ) -> tuple[LoadedImage, dict[str, Any]]:
         """Run the checks on the loaded input: refuse on a failure (unless ``force``), record
         warnings, apply N4 (``n4``). Returns the image to conform and the record of both."""
-        from brainbag.fixes import n4_correct
+        from brainbag.image.fixes import n4_correct
 
         options = CheckOptions(mask=mask_path, resample=self.settings.resample,
                                mode=self.settings.inference.mode, n4=self.settings.n4,
@@ -573,7 +579,7 @@ class Predictor:
         value_range: tuple[float, float],
         label: str,
     ) -> None:
-        from brainbag.report import overlay_views, png_title, save_overlay_png
+        from brainbag.run.report import overlay_views, png_title, save_overlay_png
 
         views = overlay_views(prepared.loaded, brain_in_input, values, map_to_input)
         title, subtitle = png_title(record)
@@ -768,8 +774,8 @@ def run_discovered(
     keep_going: bool | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_predict` on inputs already discovered, holding the output folder's lock
-    (:mod:`brainbag.lock`) for the whole run: a second run on the same ``--out`` is refused.
-    With ``settings.shard``, only that shard's inputs (:mod:`brainbag.shards`)."""
+    (:mod:`brainbag.run.lock`) for the whole run: a second run on the same ``--out`` is refused.
+    With ``settings.shard``, only that shard's inputs (:mod:`brainbag.run.shards`)."""
     if settings.shard is not None:
         return _run_shard(discovery, settings, observer)
     with OutputLock(settings.out):
@@ -877,7 +883,7 @@ class BatchRun:
                 writer.shutdown(wait=True, cancel_futures=True)
             # a shard leaves index.html to the merge
             if state is None and (self.wrote or done) and settings.png:
-                from brainbag.report import write_index
+                from brainbag.run.report import write_index
 
                 write_index(settings.out, list(self.table.rows.values()))
         if state is not None:

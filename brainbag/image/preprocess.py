@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from brainbag.errors import InputError
-from brainbag.io import (
+from brainbag.image.io import (
     MAX_VOXELS,
     Image,
     LoadedImage,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from brainbag.clinical import READING_COLUMNS
+from brainbag.person.clinical import READING_COLUMNS
 
 if TYPE_CHECKING:  # imported where used: the table and JSON writers need neither
     import nibabel as nib
@@ -102,7 +102,7 @@ def brain_cells(
     """
     import torch
 
-    from brainbag.model import cell_weights
+    from brainbag.network.model import cell_weights
 
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
     return cell_weights(t, stride, offset, list(map_shape))[0].numpy() > 0

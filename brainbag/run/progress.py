@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from brainbag.batch import RunPlan, RunSummary
+from brainbag.run.batch import RunPlan, RunSummary
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,1 @@
+"""Training, evaluation and cross-validation of BagNet-3D weights from labelled data."""
