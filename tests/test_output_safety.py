@@ -111,7 +111,7 @@ def _fail_writes_after(monkeypatch, calls: int) -> None:
         seen["n"] += 1
         if seen["n"] < calls:
             return real(img, path)
-        from brainbag.run.outputs import atomic_path
+        from brainbag.files import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_bytes(b"\0" * 100)

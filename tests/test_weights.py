@@ -127,7 +127,7 @@ def test_meta_ignores_unknown_future_fields() -> None:
 
 def test_weights_files_get_the_mode_of_other_outputs(tmp_path: Path) -> None:
     """Issue 16: weights.safetensors was written 0600 while the run's other files are 0644."""
-    from brainbag.run.outputs import default_mode, write_text_atomic
+    from brainbag.files import default_mode, write_text_atomic
 
     model = BagNet3D(BagNetConfig.for_rf(9, width=2))
     path = tmp_path / "weights.safetensors"

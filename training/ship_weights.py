@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from brainbag.run.outputs import write_json_atomic, write_text_atomic
+from brainbag.files import write_json_atomic, write_text_atomic
 from brainbag.weights.file import load_weights, save_weights
 from brainbag.weights.manifest import WeightsEntry, manifest_document, read_manifest
 

@@ -1,7 +1,7 @@
 """Writing results: maps as NIfTI, prediction.json and predictions.tsv, all atomically.
 
-Every file is written to a temporary name in its destination folder and renamed into place, so a
-crash or kill leaves either the previous file or the complete new one, never a partial file.
+Every file is written through :mod:`brainbag.files`: to a temporary name in its destination folder,
+then renamed into place, so a crash or kill leaves the previous file or the complete new one.
 
 Maps hold NaN where the map cell (the ``stride``-sized cube of conformed voxels around a map voxel)
 contains no brain-mask voxel: NaN is transparent in FSLeyes and ignored by nibabel-based tools
@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from brainbag.files import atomic_path, write_text_atomic
 from brainbag.person.clinical import READING_COLUMNS
 
 if TYPE_CHECKING:  # imported where used: the table and JSON writers need neither
@@ -33,56 +30,6 @@ TSV_COLUMNS = (
     "subject", "session", "path", "input_sha256", "status", "age", "p_female", *READING_COLUMNS,
     "rf", "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds", "output",
 )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions a plainly created file or folder would get (temp files are 0600/0700)."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffixes); rename it to ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-    write_text_atomic(path, text + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:

@@ -39,6 +39,7 @@ from brainbag.errors import (
     UsageError,
     WeightsError,
 )
+from brainbag.files import default_mode, write_json_atomic
 from brainbag.image.checks import CheckOptions, run_checks
 from brainbag.image.io import (
     Image,
@@ -87,12 +88,7 @@ from brainbag.run.discover import (
     discover,
 )
 from brainbag.run.lock import OutputLock
-from brainbag.run.outputs import (
-    default_mode,
-    display_range,
-    save_nifti_atomic,
-    write_json_atomic,
-)
+from brainbag.run.outputs import display_range, save_nifti_atomic
 from brainbag.run.shards import (
     SHARDS_DIR,
     MergeError,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from brainbag.files import write_text_atomic
 from brainbag.image.io import (
     LoadedImage,
     bounding_box,
@@ -31,7 +32,7 @@ from brainbag.image.io import (
     voxel_sizes,
 )
 from brainbag.run.discover import OutputLocation
-from brainbag.run.outputs import warning_list, write_text_atomic
+from brainbag.run.outputs import warning_list
 
 FIGSIZE_IN = (12.0, 4.6)
 DPI = 100

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from brainbag.errors import BrainbagError, UsageError
+from brainbag.files import write_json_atomic
 from brainbag.run.discover import ScanInput
-from brainbag.run.outputs import TSV_COLUMNS, write_json_atomic, write_tsv_atomic
+from brainbag.run.outputs import TSV_COLUMNS, write_tsv_atomic
 
 SHARDS_DIR = "shards"
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from brainbag.errors import InputError, UsageError
+from brainbag.files import write_json_atomic, write_text_atomic
 from brainbag.network.inference import InferenceSettings
 from brainbag.person.clinical import fit_calibration
 from brainbag.person.tables import bare, read_table
-from brainbag.run.outputs import write_json_atomic, write_text_atomic
 from brainbag.train.config import TrainConfig
 from brainbag.train.datasets import ImageRecord, discover
 from brainbag.train.evaluate import (

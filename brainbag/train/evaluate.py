@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from brainbag.errors import InputError, UsageError
+from brainbag.files import write_json_atomic, write_text_atomic
 from brainbag.image.checks import CheckReport
 from brainbag.network.inference import InferenceSettings
-from brainbag.run.outputs import write_json_atomic, write_text_atomic
 from brainbag.train.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
 
 PREDICTION_COLUMNS = ("participant_id", "session", "split", "t1w", "age", "predicted_age",
@@ -348,7 +348,7 @@ def scatter_png(path: Path, result: WeightsResult) -> None:
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
-    from brainbag.run.outputs import atomic_path
+    from brainbag.files import atomic_path
 
     pts = [(r["age"], r["predicted_age"]) for r in result.rows
            if r["age"] is not None and r["predicted_age"] is not None]

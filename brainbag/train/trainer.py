@@ -42,9 +42,9 @@ from torch import nn
 
 from brainbag import __version__
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
+from brainbag.files import atomic_path, write_text_atomic
 from brainbag.network.inference import bf16_supported, resolve_device
 from brainbag.network.model import BagNet3D, BagNetConfig
-from brainbag.run.outputs import atomic_path, write_text_atomic
 from brainbag.train.config import TrainConfig, read_toml, to_toml
 from brainbag.train.datasets import (
     DataSource,

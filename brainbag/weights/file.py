@@ -30,9 +30,9 @@ from torch import nn
 
 from brainbag import __version__
 from brainbag.errors import UsageError, WeightsError
+from brainbag.files import atomic_path
 from brainbag.image.io import sha256_file
 from brainbag.network.model import BagNet3D, build_model
-from brainbag.run.outputs import atomic_path
 from brainbag.weights.hub import HubSettings, resolve_entry
 from brainbag.weights.manifest import ENV_MANIFEST, WeightsEntry, load_catalog
 

@@ -415,7 +415,7 @@ def add_entry(path: Path, entry: WeightsEntry) -> None:
     """
     from dataclasses import replace
 
-    from brainbag.run.outputs import write_text_atomic
+    from brainbag.files import write_text_atomic
 
     path = Path(path).expanduser().absolute()
     existing = read_manifest(path) if path.exists() else []
