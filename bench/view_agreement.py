@@ -23,7 +23,8 @@ from brainbag.image.io import load_image
 from brainbag.image.preprocess import conform, load_mask
 from brainbag.network.inference import InferenceSettings
 from brainbag.run.predict import interpret, run_weights
-from brainbag.weights.file import load_weights, open_weights
+from brainbag.weights.file import load_weights
+from brainbag.weights.resolve import open_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

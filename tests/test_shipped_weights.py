@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from brainbag.cli import app
 from brainbag.network.inference import InferenceSettings
 from brainbag.run.predict import Predictor, PredictSettings
-from brainbag.weights.file import open_weights
 from brainbag.weights.manifest import load_catalog
+from brainbag.weights.resolve import open_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"

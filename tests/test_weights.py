@@ -19,9 +19,9 @@ from brainbag.weights.file import (
     load_weights,
     random_weights_meta,
     read_meta,
-    resolve_weights,
     save_weights,
 )
+from brainbag.weights.resolve import resolve_weights
 
 
 def _model(rf: int = 17, **kw) -> BagNet3D:
@@ -141,7 +141,7 @@ def test_weights_files_get_the_mode_of_other_outputs(tmp_path: Path) -> None:
 
 def test_model_card_headings_are_one_line_each() -> None:
     """Issue 16: the Validation heading of MODEL_CARD.md was split over two lines."""
-    from brainbag.train.trainer import model_card
+    from brainbag.weights.card import model_card
 
     model = BagNet3D(BagNetConfig.for_rf(9, width=2))
     meta = random_weights_meta(model, "card-test")

@@ -490,7 +490,7 @@ def check(
     (warnings allowed), 1 when any check fails.
     """
     from brainbag.image.checks import CheckOptions, check_inputs
-    from brainbag.weights.file import input_expectations
+    from brainbag.weights.resolve import input_expectations
 
     if mask is not None and len(inputs) > 1:
         fail(UsageError("--mask applies to one input; check one input per run with --mask"),
@@ -887,7 +887,7 @@ def _file_info(path: Path, as_json: bool) -> None:
 
     from rich.markup import escape
 
-    from brainbag.weights.file import file_card
+    from brainbag.weights.card import file_card
 
     with _exit_on_errors():
         card = file_card(path)

@@ -101,7 +101,8 @@ from brainbag.run.shards import (
     parse_shard,
     start_state,
 )
-from brainbag.weights.file import LoadedWeights, WeightsMeta, open_weights
+from brainbag.weights.file import LoadedWeights, WeightsMeta
+from brainbag.weights.resolve import open_weights
 
 MapSpace = Literal["model", "input"]
 

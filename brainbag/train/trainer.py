@@ -57,6 +57,7 @@ from brainbag.train.datasets import (
     random_split,
     splits_tsv,
 )
+from brainbag.weights.card import model_card
 from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
 CHECKPOINT_FORMAT = "brainbag-checkpoint/1"
@@ -1022,47 +1023,6 @@ def resume_message(epoch: int, step: int, steps: int) -> str:
         return (f"resumed from epoch {epoch + 1}, step {step}/{steps}: continuing with step "
                 f"{step + 1}/{steps}")
     return f"resumed after epoch {epoch}: continuing with epoch {epoch + 1}"
-
-
-def model_card(meta: WeightsMeta) -> str:
-    """A model-card stub with the measured validation figures."""
-    t = meta.training
-    val = t.get("validation", {})
-
-    def fig(key: str, fmt: str, unit: str = "") -> str:
-        v = val.get(key)
-        return "not measured" if v is None else f"{v:{fmt}}{unit}"
-
-    validation = (f"best epoch {t.get('best_epoch')}, selected by {t.get('selected_by')}, "
-                  f"{t.get('val_view')} view")
-    return f"""# Model card: {meta.id}
-
-*Written by brainbag {meta.code_version}. A stub: complete the sections marked TODO.*
-
-## Model
-- Architecture: BagNet-3D (half-width 3D ResNet-50 body), receptive field {meta.rf} mm,
-  padding {meta.arch_kwargs.get('padding')}, width {meta.arch_kwargs.get('width')}
-- Heads: {', '.join(meta.heads)}; task `{t.get('task')}`; loss {t.get('loss')}
-- Age target scaling: {meta.age_scaling}
-
-## Training data
-- Data: {t.get('data')} (layout {t.get('layout')}), licence: {t.get('licence')}
-- Split: {t.get('split')}
-- Images: {t.get('images')}; subjects: {t.get('subjects')}
-- Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
-  seed {t.get('seed')}; precision {t.get('precision')}
-
-## Validation ({validation})
-- Age MAE: {fig('val_mae', '.2f', ' years')}
-- Sex accuracy: {fig('val_accuracy', '.3f')}
-- Loss: {fig('val_loss', '.4f')}
-
-Test-set figures: run `brainbag evaluate DATA --weights weights.safetensors --split test`.
-
-## Intended use and limitations
-Research use only; not a medical device. TODO: populations and scanners the training data
-covers, known failure modes.
-"""
 
 
 def run_training(config: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
