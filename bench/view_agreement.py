@@ -22,7 +22,7 @@ import numpy as np
 from brainbag.image.io import load_image
 from brainbag.image.preprocess import conform, load_mask
 from brainbag.network.inference import InferenceSettings
-from brainbag.run.predict import interpret, run_weights
+from brainbag.run.scan import interpret, run_weights
 from brainbag.weights.file import load_weights
 from brainbag.weights.resolve import open_weights
 

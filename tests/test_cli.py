@@ -14,6 +14,7 @@ from conftest import make_affine, save
 from typer.testing import CliRunner
 
 import brainbag.run.predict
+import brainbag.run.scan
 from brainbag.cli import app
 
 runner = CliRunner()
@@ -223,7 +224,7 @@ def test_a_crash_while_writing_leaves_nothing_half_written(tmp_path, tiny_weight
     img = _brain(tmp_path)
     out = tmp_path / "results"
     calls = {"n": 0}
-    real = brainbag.run.predict.save_nifti_atomic
+    real = brainbag.run.scan.save_nifti_atomic
 
     def flaky(image, path):
         calls["n"] += 1
@@ -231,7 +232,7 @@ def test_a_crash_while_writing_leaves_nothing_half_written(tmp_path, tiny_weight
             raise OSError("disk full")
         real(image, path)
 
-    monkeypatch.setattr(brainbag.run.predict, "save_nifti_atomic", flaky)
+    monkeypatch.setattr(brainbag.run.scan, "save_nifti_atomic", flaky)
     result = runner.invoke(app, ["predict", str(img), "--weights", str(tiny_weights()),
                                  "--out", str(out), "--mode", "full", FORCE])
     assert result.exit_code != 0

@@ -102,9 +102,9 @@ def test_a_failed_single_input_leaves_no_folder_behind(tmp_path: Path, tiny_weig
 def _fail_writes_after(monkeypatch, calls: int) -> None:
     """Simulate a full disk: the ``calls``-th NIfTI write (and later ones) writes half a file
     and fails with ENOSPC."""
-    import brainbag.run.predict
+    import brainbag.run.scan
 
-    real = brainbag.run.predict.save_nifti_atomic
+    real = brainbag.run.scan.save_nifti_atomic
     seen = {"n": 0}
 
     def failing(img, path: Path) -> None:
@@ -117,7 +117,7 @@ def _fail_writes_after(monkeypatch, calls: int) -> None:
             tmp.write_bytes(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
-    monkeypatch.setattr(brainbag.run.predict, "save_nifti_atomic", failing)
+    monkeypatch.setattr(brainbag.run.scan, "save_nifti_atomic", failing)
 
 
 def _leftovers(out: Path) -> list[str]:

@@ -180,7 +180,7 @@ def run_evaluate(
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
     from brainbag.person.clinical import map_spread
-    from brainbag.run.predict import interpret, run_weights
+    from brainbag.run.scan import interpret, run_weights
     from brainbag.weights.file import load_weights
 
     settings.validate()
