@@ -10,7 +10,7 @@ Run from the repository root:
 
 Each configuration runs in a fresh process (so peak memory is its own): one warm-up step, then
 ``--runs`` timed steps of ``--batch`` random 160x160x128 crops (x, y, z) through
-``brainbag.train.trainer.accumulate_gradients`` (the training loop's own step: ``model.pooled``,
+``brainbag.train.steps.accumulate_gradients`` (the training loop's own step: ``model.pooled``,
 both heads, loss, backward) and ``Adam.step``. It prints a Markdown table with seconds per step, ms
 per sample, peak memory and the projected schedule time:
 
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from brainbag.network.inference import bf16_supported
     from brainbag.network.model import BagNet3D, BagNetConfig
-    from brainbag.train.trainer import LossSpec, PooledNet, accumulate_gradients
+    from brainbag.train.steps import LossSpec, PooledNet, accumulate_gradients
 
     options = set(args.option.split("+"))
     device = torch.device(args.device)

@@ -2,7 +2,7 @@
 
     python bench/crop_brain_fraction.py
 
-Draws 40 random 160x160x128 crops (``brainbag.train.trainer.draw_views`` with ``view="crop"``, as
+Draws 40 random 160x160x128 crops (``brainbag.train.steps.draw_views`` with ``view="crop"``, as
 the seed recipe does; generator seed 0) from each of 10 IXI images conformed at 1 mm, and prints the
 median and 10th percentile of the fraction of brain-mask voxels in a crop.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from brainbag.train.datasets import discover, load_volume
-from brainbag.train.trainer import draw_views
+from brainbag.train.steps import draw_views
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = [160, 160, 128]

@@ -16,7 +16,8 @@ from brainbag.errors import InputError
 from brainbag.train.config import TrainConfig
 from brainbag.train.crossval import make_folds, read_folds, run_crossval
 from brainbag.train.datasets import ImageRecord
-from brainbag.train.trainer import QuietReporter, run_training
+from brainbag.train.record import QuietReporter
+from brainbag.train.trainer import run_training
 from brainbag.weights.file import load_weights
 
 runner = CliRunner()

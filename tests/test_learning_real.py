@@ -16,7 +16,8 @@ import pytest
 from conftest import SHARED_DATA
 
 from brainbag.train.config import TrainConfig
-from brainbag.train.trainer import QuietReporter, run_training
+from brainbag.train.record import QuietReporter
+from brainbag.train.trainer import run_training
 
 IXI = SHARED_DATA / "ixi"
 

@@ -20,14 +20,9 @@ from typer.testing import CliRunner
 from brainbag.cli import app
 from brainbag.network.model import BagNet3D, BagNetConfig
 from brainbag.train.config import TrainConfig
-from brainbag.train.trainer import (
-    LossSpec,
-    PooledNet,
-    QuietReporter,
-    TrainingInterrupted,
-    accumulate_gradients,
-    run_training,
-)
+from brainbag.train.record import QuietReporter
+from brainbag.train.steps import LossSpec, PooledNet, accumulate_gradients
+from brainbag.train.trainer import TrainingInterrupted, run_training
 from brainbag.weights.file import load_weights, read_meta
 
 runner = CliRunner()

@@ -1092,7 +1092,8 @@ def train(
     with _exit_on_errors():
         config, explicit = resolve(str(data), str(out), recipe, flags)
     console = _console()
-    from brainbag.train.trainer import ConsoleReporter, TrainingInterrupted, run_training
+    from brainbag.train.record import ConsoleReporter
+    from brainbag.train.trainer import TrainingInterrupted, run_training
 
     with _exit_on_errors():
         try:
@@ -1134,7 +1135,8 @@ def crossval(
     pooled and compared with the predict-the-training-mean baseline (resumable)."""
     from brainbag.train.config import resolve
     from brainbag.train.crossval import crossval_rows, run_crossval
-    from brainbag.train.trainer import ConsoleReporter, run_training
+    from brainbag.train.record import ConsoleReporter
+    from brainbag.train.trainer import run_training
 
     flags = {"rf": rf, "epochs": epochs, "width": width,
              "device": device.value if device else None}

@@ -20,6 +20,10 @@ RNG states, epoch and the position inside the epoch; ``--resume`` continues exac
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
 DistributedDataParallel; each rank takes every ``world``-th sample of each batch and scales its
 loss so DDP's gradient average equals the single-process batch mean. Rank 0 writes all files.
+
+This module is the loop (:class:`Trainer`, :func:`run_training`); one step's loss, gradients and
+batches are in :mod:`brainbag.train.steps`, the run's record (checkpoint format, metrics.tsv,
+reporters, resume message) in :mod:`brainbag.train.record`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,23 +49,38 @@ from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageErr
 from brainbag.files import atomic_path, write_text_atomic
 from brainbag.network.inference import bf16_supported, resolve_device
 from brainbag.network.model import BagNet3D, BagNetConfig
-from brainbag.train.config import TrainConfig, read_toml, to_toml
+from brainbag.train.config import TrainConfig, to_toml
 from brainbag.train.datasets import (
     DataSource,
     ImageRecord,
     Volume,
     centre_start,
-    crop_range,
     discover,
     load_volumes,
     random_split,
     splits_tsv,
 )
+from brainbag.train.record import (
+    CHECKPOINT_FORMAT,
+    QuietReporter,
+    Reporter,
+    resume_message,
+    write_metrics,
+)
+from brainbag.train.steps import (
+    LossSpec,
+    PooledNet,
+    accumulate_gradients,
+    draw_views,
+    epoch_generator,
+    jitter_intensity,
+    make_batch,
+    make_masks,
+    make_scheduler,
+)
 from brainbag.weights.card import model_card
 from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
-CHECKPOINT_FORMAT = "brainbag-checkpoint/1"
-METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae", "val_accuracy", "lr", "seconds")
 #: settings a resumed run may change; any other flag must match the run's config
 RESUMABLE = ("epochs", "device", "workers", "cache_device", "compile", "precision")
 EXIT_INTERRUPTED = 130
@@ -75,79 +94,6 @@ class TrainingInterrupted(BrainbagError):
 
 class TrainingDiverged(ProcessingError):
     """The loss became NaN or infinite."""
-
-
-# --- losses and gradients ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """Which head outputs which target, and with what weight."""
-
-    heads: tuple[str, ...]
-    age_weight: float = 1.0
-    sex_weight: float = 1.0
-
-    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss of every sample: ``outputs`` (B, heads), ``targets`` (B, 2) = (age_std, female)."""
-        outputs = outputs.to(targets.dtype)
-        loss = torch.zeros(outputs.shape[0], dtype=targets.dtype, device=outputs.device)
-        for i, head in enumerate(self.heads):
-            if head == "age":
-                loss = loss + self.age_weight * (outputs[:, i] - targets[:, 0]) ** 2
-            else:
-                loss = loss + self.sex_weight * nn.functional.binary_cross_entropy_with_logits(
-                    outputs[:, i], targets[:, 1], reduction="none")
-        return loss
-
-
-class PooledNet(nn.Module):
-    """``forward`` = the BagNet's global (average-then-linear) output, for DDP and compile."""
-
-    def __init__(self, model: BagNet3D) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.pooled(x, cells)
-
-
-def accumulate_gradients(
-    net: nn.Module,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    loss: LossSpec,
-    micro_batch: int,
-    denominator: float,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    weights: torch.Tensor | None = None,
-    cells: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Add to ``.grad`` the gradient of ``sum(per-sample loss) / denominator`` over ``x``, in
-    forward passes of ``micro_batch`` samples; return the (detached) sum of the losses.
-
-    ``weights`` (per sample, default 1) lets a rank with nothing to contribute still run the
-    collective backward with a zero-weight sample. ``no_sync`` (DDP) skips the gradient all-reduce
-    on every micro-batch but the last. ``cells`` (per sample, on the map grid) are the brain
-    fractions of masked pooling (see :meth:`BagNet3D.pooled`).
-    """
-    n = x.shape[0]
-    micro = n if micro_batch <= 0 else micro_batch
-    chunks = list(range(0, n, micro))
-    total = torch.zeros((), dtype=targets.dtype, device=targets.device)
-    for k, start in enumerate(chunks):
-        part = slice(start, start + micro)
-        sync = no_sync if (no_sync is not None and k < len(chunks) - 1) else None
-        with sync() if sync is not None else contextlib.nullcontext():
-            with autocast():
-                outputs = net(x[part]) if cells is None else net(x[part], cells[part])
-            losses = loss.per_sample(outputs, targets[part])
-            if weights is not None:
-                losses = losses * weights[part]
-            (losses.sum() / denominator).backward()
-        total = total + losses.detach().sum()
-    return total
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -199,105 +145,6 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
-# --- reporting ---------------------------------------------------------------------------------
-
-
-class Reporter(Protocol):
-    def message(self, text: str) -> None: ...
-
-    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None: ...
-
-    def step(self, epoch: int, step: int, steps: int, loss: float) -> None: ...
-
-    def epoch(self, row: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class QuietReporter:
-    """Reports nothing (ranks other than 0, tests)."""
-
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None:
-        pass
-
-    def step(self, epoch: int, step: int, steps: int, loss: float) -> None:
-        pass
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def format_row(row: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
-    for key, fmt in (("val_loss", ".4f"), ("val_mae", ".2f"), ("val_accuracy", ".3f")):
-        if row.get(key) is not None:
-            parts.append(f"{key} {row[key]:{fmt}}")
-    parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.1f} s"]
-    if row.get("best"):
-        parts.append("(best)")
-    return "  ".join(parts)
-
-
-class ConsoleReporter:
-    """A Rich progress bar (epoch, step, loss, ETA) on a terminal; plain lines otherwise."""
-
-    def __init__(self, console: Any) -> None:
-        self.console = console
-        self.progress: Any = None
-        self.task: Any = None
-        self.epochs = 0
-
-    def message(self, text: str) -> None:
-        self.console.print(text, soft_wrap=True, highlight=False, markup=False)
-
-    def start(self, first_epoch: int, epochs: int, steps: int, done_steps: int) -> None:
-        self.epochs = epochs
-        if not self.console.is_terminal:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), console=self.console, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=epochs * steps, completed=done_steps,
-            label=f"epoch {first_epoch + 1}/{epochs}", loss="-",
-        )
-
-    def step(self, epoch: int, step: int, steps: int, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}",
-                                 label=f"epoch {epoch + 1}/{self.epochs} step {step + 1}/{steps}")
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        line = format_row(row, self.epochs)
-        if self.progress is not None:
-            self.progress.console.print(line, highlight=False, markup=False)
-        else:
-            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -343,95 +190,6 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainConfig) -> Any:
-    """Per-epoch learning-rate schedule: ``step`` (x gamma every lr_step_epochs) or ``cosine``
-    (linear warm-up over warmup_epochs, then half a cosine from lr to 0 at the last epoch)."""
-    if c.lr_schedule == "cosine":
-        warm, total = c.warmup_epochs, c.epochs
-
-        def factor(epoch: int) -> float:
-            if epoch < warm:
-                return (epoch + 1) / warm
-            span = max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch - warm, span) / span))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=c.lr_step_epochs or 10**9, gamma=c.lr_gamma)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def draw_views(
-    volumes: Sequence[Volume], indices: Sequence[int], crop: Sequence[int], flip: bool,
-    generator: torch.Generator, view: str = "crop", jitter: int = 0,
-) -> list[tuple[tuple[int, int, int], bool]]:
-    """Random crop start and flip for each index.
-
-    ``view="crop"``: uniform over every valid start of the conformed grid. ``view="brain"``: the
-    ``crop`` box centred on the brain's bounding box (as predict places it), shifted by a
-    uniform integer in ``[-jitter, jitter]`` voxels per axis.
-    """
-    draws = torch.randint(0, 2**62, (len(indices), 4), generator=generator).tolist()
-    views = []
-    for i, row in zip(indices, draws, strict=True):
-        shape = volumes[i].shape
-        start = []
-        if view == "brain":
-            centred = volumes[i].brain_start(crop)
-            start = [centred[a] + row[a] % (2 * jitter + 1) - jitter for a in range(3)]
-        else:
-            for a in range(3):
-                lo, hi = crop_range(shape[a], crop[a])
-                start.append(lo + row[a] % (hi - lo + 1))
-        views.append(((start[0], start[1], start[2]), bool(flip and row[3] % 2)))
-    return views
-
-
-def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
-                     generator: torch.Generator) -> torch.Tensor:
-    """In place: scale each sample's brain voxels (``masks`` > 0, ``(B, X, Y, Z)``) by a random
-    factor in ``[1 - amount, 1 + amount]``; other voxels are multiplied by exactly 1."""
-    if amount <= 0:
-        return x
-    factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
-    brain = masks.to(x.device)[:, None] > 0
-    return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
-
-
-def make_batch(
-    volumes: Sequence[Volume], indices: Sequence[int],
-    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
-    device: torch.device, channels_last: bool,
-) -> torch.Tensor:
-    """Cut the crops (on the cache's device), flip left-right (x, the first axis), stack."""
-    x = _cut(volumes, indices, views, crop, masks=False).to(device, non_blocking=True)[:, None]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    return x
-
-
-def make_masks(
-    volumes: Sequence[Volume], indices: Sequence[int],
-    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
-) -> torch.Tensor:
-    """The brain masks of the same views as :func:`make_batch`, ``(B, X, Y, Z)`` float32."""
-    return _cut(volumes, indices, views, crop, masks=True)
-
-
-def _cut(volumes: Sequence[Volume], indices: Sequence[int],
-         views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int], masks: bool
-         ) -> torch.Tensor:
-    parts = []
-    for i, (start, flipped) in zip(indices, views, strict=True):
-        c = volumes[i].crop_mask(start, crop) if masks else volumes[i].crop(start, crop)
-        parts.append(torch.flip(c, dims=(0,)) if flipped else c)
-    return torch.stack(parts)
 
 
 class Trainer:
@@ -997,34 +755,6 @@ class Trainer:
         }
 
 
-def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    lines = ["\t".join(METRICS_COLUMNS)]
-    for row in history:
-        cells = []
-        for col in METRICS_COLUMNS:
-            v = row.get(col)
-            if v is None:
-                cells.append("")
-            elif col == "epoch":
-                cells.append(str(int(v)))
-            elif col == "seconds":
-                cells.append(f"{v:.2f}")
-            else:
-                cells.append(f"{v:.8g}")
-        lines.append("\t".join(cells))
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def resume_message(epoch: int, step: int, steps: int) -> str:
-    """Where a resumed run continues, in the words of the interruption it continues from
-    ("interrupted at epoch 9, step 2/3" or "interrupted after epoch 8"): ``epoch`` epochs and
-    ``step`` steps of the next one are done."""
-    if step:
-        return (f"resumed from epoch {epoch + 1}, step {step}/{steps}: continuing with step "
-                f"{step + 1}/{steps}")
-    return f"resumed after epoch {epoch}: continuing with epoch {epoch + 1}"
-
-
 def run_training(config: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
                  explicit: Iterable[str] = ()) -> TrainResult:
     """Run (or ``resume``) the training that ``config`` describes."""
@@ -1036,6 +766,3 @@ def run_training(config: TrainConfig, reporter: Reporter | None = None, resume: 
             torch.distributed.destroy_process_group()
 
 
-def read_run_config(out: Path) -> TrainConfig:
-    """The resolved configuration a run wrote to ``out/config.toml``."""
-    return TrainConfig.from_dict(read_toml(out / "config.toml"), str(out / "config.toml"))

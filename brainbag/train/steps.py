@@ -1,0 +1,182 @@
+"""One training step's ingredients: the loss, the pooled network, gradient accumulation over
+micro-batches, the learning-rate schedule, and the batches themselves (random views cut on the
+device from cached volumes, flips, intensity jitter, the masks of the cells). The loop that uses
+them is :mod:`brainbag.train.trainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainbag.network.model import BagNet3D
+from brainbag.train.config import TrainConfig
+from brainbag.train.datasets import (
+    Volume,
+    crop_range,
+)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which head outputs which target, and with what weight."""
+
+    heads: tuple[str, ...]
+    age_weight: float = 1.0
+    sex_weight: float = 1.0
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of every sample: ``outputs`` (B, heads), ``targets`` (B, 2) = (age_std, female)."""
+        outputs = outputs.to(targets.dtype)
+        loss = torch.zeros(outputs.shape[0], dtype=targets.dtype, device=outputs.device)
+        for i, head in enumerate(self.heads):
+            if head == "age":
+                loss = loss + self.age_weight * (outputs[:, i] - targets[:, 0]) ** 2
+            else:
+                loss = loss + self.sex_weight * nn.functional.binary_cross_entropy_with_logits(
+                    outputs[:, i], targets[:, 1], reduction="none")
+        return loss
+
+
+class PooledNet(nn.Module):
+    """``forward`` = the BagNet's global (average-then-linear) output, for DDP and compile."""
+
+    def __init__(self, model: BagNet3D) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.pooled(x, cells)
+
+
+def accumulate_gradients(
+    net: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossSpec,
+    micro_batch: int,
+    denominator: float,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    weights: torch.Tensor | None = None,
+    cells: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add to ``.grad`` the gradient of ``sum(per-sample loss) / denominator`` over ``x``, in
+    forward passes of ``micro_batch`` samples; return the (detached) sum of the losses.
+
+    ``weights`` (per sample, default 1) lets a rank with nothing to contribute still run the
+    collective backward with a zero-weight sample. ``no_sync`` (DDP) skips the gradient all-reduce
+    on every micro-batch but the last. ``cells`` (per sample, on the map grid) are the brain
+    fractions of masked pooling (see :meth:`BagNet3D.pooled`).
+    """
+    n = x.shape[0]
+    micro = n if micro_batch <= 0 else micro_batch
+    chunks = list(range(0, n, micro))
+    total = torch.zeros((), dtype=targets.dtype, device=targets.device)
+    for k, start in enumerate(chunks):
+        part = slice(start, start + micro)
+        sync = no_sync if (no_sync is not None and k < len(chunks) - 1) else None
+        with sync() if sync is not None else contextlib.nullcontext():
+            with autocast():
+                outputs = net(x[part]) if cells is None else net(x[part], cells[part])
+            losses = loss.per_sample(outputs, targets[part])
+            if weights is not None:
+                losses = losses * weights[part]
+            (losses.sum() / denominator).backward()
+        total = total + losses.detach().sum()
+    return total
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, c: TrainConfig) -> Any:
+    """Per-epoch learning-rate schedule: ``step`` (x gamma every lr_step_epochs) or ``cosine``
+    (linear warm-up over warmup_epochs, then half a cosine from lr to 0 at the last epoch)."""
+    if c.lr_schedule == "cosine":
+        warm, total = c.warmup_epochs, c.epochs
+
+        def factor(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / warm
+            span = max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch - warm, span) / span))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=c.lr_step_epochs or 10**9, gamma=c.lr_gamma)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_views(
+    volumes: Sequence[Volume], indices: Sequence[int], crop: Sequence[int], flip: bool,
+    generator: torch.Generator, view: str = "crop", jitter: int = 0,
+) -> list[tuple[tuple[int, int, int], bool]]:
+    """Random crop start and flip for each index.
+
+    ``view="crop"``: uniform over every valid start of the conformed grid. ``view="brain"``: the
+    ``crop`` box centred on the brain's bounding box (as predict places it), shifted by a
+    uniform integer in ``[-jitter, jitter]`` voxels per axis.
+    """
+    draws = torch.randint(0, 2**62, (len(indices), 4), generator=generator).tolist()
+    views = []
+    for i, row in zip(indices, draws, strict=True):
+        shape = volumes[i].shape
+        start = []
+        if view == "brain":
+            centred = volumes[i].brain_start(crop)
+            start = [centred[a] + row[a] % (2 * jitter + 1) - jitter for a in range(3)]
+        else:
+            for a in range(3):
+                lo, hi = crop_range(shape[a], crop[a])
+                start.append(lo + row[a] % (hi - lo + 1))
+        views.append(((start[0], start[1], start[2]), bool(flip and row[3] % 2)))
+    return views
+
+
+def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """In place: scale each sample's brain voxels (``masks`` > 0, ``(B, X, Y, Z)``) by a random
+    factor in ``[1 - amount, 1 + amount]``; other voxels are multiplied by exactly 1."""
+    if amount <= 0:
+        return x
+    factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
+    brain = masks.to(x.device)[:, None] > 0
+    return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
+
+
+def make_batch(
+    volumes: Sequence[Volume], indices: Sequence[int],
+    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
+    device: torch.device, channels_last: bool,
+) -> torch.Tensor:
+    """Cut the crops (on the cache's device), flip left-right (x, the first axis), stack."""
+    x = _cut(volumes, indices, views, crop, masks=False).to(device, non_blocking=True)[:, None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def make_masks(
+    volumes: Sequence[Volume], indices: Sequence[int],
+    views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
+) -> torch.Tensor:
+    """The brain masks of the same views as :func:`make_batch`, ``(B, X, Y, Z)`` float32."""
+    return _cut(volumes, indices, views, crop, masks=True)
+
+
+def _cut(volumes: Sequence[Volume], indices: Sequence[int],
+         views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int], masks: bool
+         ) -> torch.Tensor:
+    parts = []
+    for i, (start, flipped) in zip(indices, views, strict=True):
+        c = volumes[i].crop_mask(start, crop) if masks else volumes[i].crop(start, crop)
+        parts.append(torch.flip(c, dims=(0,)) if flipped else c)
+    return torch.stack(parts)
