@@ -2,8 +2,8 @@
 
     python bench/thp_first_touch.py
 
-``brainbag predict`` sets ``THP_MEM_ALLOC_ENABLE=1`` before torch loads (brainbag/cli.py). This
-prints, for each setting and in a fresh process each (torch reads the variable at import), the
+``brainbag predict`` sets ``THP_MEM_ALLOC_ENABLE=1`` before torch loads (brainbag/cli/common.py).
+This prints, for each setting and in a fresh process each (torch reads the variable at import), the
 seconds to fill a freshly allocated 0.9 GB float32 tensor, three allocations in a row: the first
 one of a process may include the kernel's compaction of memory into huge pages.
 """

@@ -1,0 +1,136 @@
+"""What every command shares: the command classes, option types, errors as one red line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+from brainbag.errors import EXIT_FAILURE, BrainbagError, one_line
+
+#: Help texts are rich markup: a literal ``[`` is written ``\\[`` (rich drops ``[default: 9]``
+#: as an unknown style tag, which left help texts ending in " .").
+
+
+def _default(text: str) -> str:
+    """``[default: text]`` for a help text (escaped for rich markup)."""
+    return f"\\[default: {text}]"
+
+
+def _train_default(key: str) -> str:
+    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.train.config.TrainConfig`
+    default, so the help cannot drift from the configuration."""
+    from brainbag.train.config import TrainConfig
+
+    value = getattr(TrainConfig(), key)
+    if isinstance(value, bool):
+        return _default("on" if value else "off")
+    return _default(" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """On/off flags take no value: show no ``<bool>`` type for them in ``--help``."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A brainbag command: its flags show no value type in ``--help``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+_state = {"debug": False}
+EXIT_INTERRUPTED = 130
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    sliding = "sliding"
+    full = "full"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PrecisionOpt(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def _large_pages_for_torch() -> None:
+    """Let torch's CPU allocator back large tensors with transparent huge pages.
+
+    Every full-resolution activation is ~0.5-1 GB; filling a fresh 0.9 GB tensor took 0.15 s with
+    4 KiB pages and 0.04 s with huge pages, after a first allocation of 0.3-0.9 s
+    (bench/thp_first_touch.py, bench/README.md). torch reads the variable
+    once, when it is imported, so this must run before the first ``import torch``; an explicit
+    ``THP_MEM_ALLOC_ENABLE=0`` in the environment wins.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def fail(exc: BaseException, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print one red line (or the traceback with --debug) and exit with ``code``."""
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exception(exc)
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(one_line(str(exc)))}",
+                                soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _exit_on_errors() -> Iterator[None]:
+    """A domain error exits with its own code, a file-system error with 1; one red line each."""
+    try:
+        yield
+    except BrainbagError as exc:
+        fail(exc, exc.exit_code)
+    except OSError as exc:
+        fail(BrainbagError(f"could not read or write a file: {exc}"))
+
+
+ManifestOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--manifest", help="Extra weights manifest (JSON); repeatable. Searched before "
+                 "$BRAINBAG_MANIFEST and the shipped manifest."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Weights cache folder \\[default: $BRAINBAG_CACHE_DIR, else "
+                 "the HuggingFace hub cache]."),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Never use the network (also: HF_HUB_OFFLINE=1); weights must "
+                 "be bundled or cached."),
+]

@@ -1,0 +1,306 @@
+"""``brainbag train``, ``crossval`` and ``evaluate``: options to a config, one call."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from brainbag.cli.common import (
+    EXIT_INTERRUPTED,
+    Device,
+    Mode,
+    PrecisionOpt,
+    _console,
+    _exit_on_errors,
+    _train_default,
+)
+
+
+class Task(str, Enum):
+    age = "age"
+    sex = "sex"
+    both = "both"
+
+
+class TrainPrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ValView(str, Enum):
+    centre = "centre"
+    full = "full"
+
+
+class SplitName(str, Enum):
+    all = "all"
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+def train(
+    data: Annotated[
+        Path,
+        typer.Argument(help="BIDS folder, participants table (.tsv: participant_id, age, sex, "
+                       "t1w[, mask, split]) or Cam-CAN image folder (with --split)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/brainbag"),
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", help="Recipe name in training/recipes (e.g. camcan-paper) or a "
+                     ".toml path \\[default: the paper's hyperparameters]."),
+    ] = None,
+    split: Annotated[
+        Path | None,
+        typer.Option("--split", help="Split folder (train/val/test .csv) or splits.tsv "
+                     "\\[default: the table's split column, else random by subject]."),
+    ] = None,
+    rf: Annotated[int | None, typer.Option("--rf", help="Receptive field: 9, 17, 33 or 177 "
+                                           + _train_default("rf") + ".")] = None,
+    task: Annotated[Task | None, typer.Option("--task", help="age, sex or both (one network, "
+                                              "two heads) " + _train_default("task") + ".")
+                    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the training "
+                                               "images " + _train_default("epochs") + ".")
+                      ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Effective batch "
+                                 + _train_default("batch_size") + ".")] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option("--micro-batch", help="Samples per forward pass (same gradient, less "
+                     "memory) \\[default: the whole batch]."),
+    ] = None,
+    crop: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--crop", help="Random crop size x y z " + _train_default("crop") + "."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate "
+                                             + _train_default("lr") + ".")] = None,
+    device: Annotated[
+        Device | None, typer.Option("--device", help="auto = cuda when available "
+                                    + _train_default("device") + ".")] = None,
+    precision: Annotated[
+        TrainPrecision | None,
+        typer.Option("--precision", help="auto = bf16 autocast on GPU, fp32 on CPU "
+                     + _train_default("precision") + "."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the initial weights, "
+                                             "split and crops " + _train_default("seed") + ".")
+                    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option("--width", help="Stem channels (32 = the paper's half-width ResNet-50); "
+                     "smaller for quick experiments " + _train_default("width") + "."),
+    ] = None,
+    val_view: Annotated[
+        ValView | None,
+        typer.Option("--val-view", help="Validation view: centre crop or full volume "
+                     + _train_default("val_view") + "."),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Random split: share of subjects "
+                                   "for validation " + _train_default("val_fraction") + ".")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option("--test-fraction", help="Random split: share of subjects "
+                                   "held out for test " + _train_default("test_fraction")
+                                   + ".")] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the network "
+                                  + _train_default("compile") + ".")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Threads loading volumes "
+                                 + _train_default("workers") + ".")
+    ] = None,
+    data_name: Annotated[
+        str | None, typer.Option("--data-name", help="Training data name for the weights "
+                                 "metadata \\[default: from the data].")] = None,
+    data_licence: Annotated[
+        str | None, typer.Option("--data-licence", help="Licence of the training data, "
+                                 "recorded in the weights and model card.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last.ckpt.")
+    ] = False,
+) -> None:
+    """Train a BagNet-3D (the seed recipe by default) into a run folder."""
+    from brainbag.train.config import resolve
+
+    flags = {
+        "split": str(split) if split is not None else None, "rf": rf,
+        "task": task.value if task else None, "epochs": epochs, "batch_size": batch_size,
+        "micro_batch": micro_batch, "crop": list(crop) if crop else None, "lr": lr,
+        "device": device.value if device else None,
+        "precision": precision.value if precision else None, "seed": seed, "width": width,
+        "val_view": val_view.value if val_view else None, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "compile": compile_model, "workers": workers,
+        "data_name": data_name, "data_licence": data_licence,
+    }
+    with _exit_on_errors():
+        config, explicit = resolve(str(data), str(out), recipe, flags)
+    console = _console()
+    from brainbag.train.record import ConsoleReporter
+    from brainbag.train.trainer import TrainingInterrupted, run_training
+
+    with _exit_on_errors():
+        try:
+            result = run_training(config, ConsoleReporter(console), resume, explicit)
+        except TrainingInterrupted as exc:
+            _console(stderr=True).print(f"[yellow]stopped:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _console(stderr=True).print("[yellow]stopped:[/] interrupted before training "
+                                        "started; nothing was saved")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if result.main:
+        console.print(f"done: {result.epochs} epochs; best epoch {result.best_epoch}; "
+                      f"weights in {result.weights}", soft_wrap=True)
+
+
+def crossval(
+    data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
+    folds: Annotated[
+        Path, typer.Option("--folds", help="Folds TSV (participant_id, fold); made (stratified "
+                           "by source and age, --seed) when it does not exist.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "runs/crossval"),
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="Training recipe (as for train).")] = None,
+    rf: Annotated[int | None, typer.Option("--rf", help="Receptive field (overrides the "
+                                           "recipe).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per fold (overrides "
+                                               "the recipe).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Network width (overrides the "
+                                              "recipe).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Number of folds when making the folds file.")
+                 ] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of a new folds file.")] = 0,
+    device: Annotated[Device | None, typer.Option("--device")] = None,
+) -> None:
+    """K-fold cross-validation grouped by subject: one model per fold, held-out predictions
+    pooled and compared with the predict-the-training-mean baseline (resumable)."""
+    from brainbag.train.config import resolve
+    from brainbag.train.crossval import crossval_rows, run_crossval
+    from brainbag.train.record import ConsoleReporter
+    from brainbag.train.trainer import run_training
+
+    flags = {"rf": rf, "epochs": epochs, "width": width,
+             "device": device.value if device else None}
+    with _exit_on_errors():
+        config, explicit = resolve(str(data), str(out), recipe, flags)
+    console = _console()
+
+    def train_fold(c: Any, resume: bool) -> Any:
+        return run_training(c, ConsoleReporter(console), resume, explicit)
+
+    def on_fold(n: int, total: int) -> None:
+        console.print(f"[bold]fold {n + 1}/{total}[/]")
+
+    with _exit_on_errors():
+        try:
+            result = run_crossval(data, folds, config, out, k=k, seed=seed, train=train_fold,
+                                  on_fold=on_fold)
+        except KeyboardInterrupt:
+            _console(stderr=True).print(
+                "[yellow]stopped:[/] interrupted; run the same command again to continue")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    from rich.table import Table
+
+    from brainbag.train.evaluate import BIAS_SLOPE_NOTE
+
+    table = Table(title=f"brainbag crossval ({result.metrics['folds']} folds, "
+                        f"{result.metrics['subjects']} subjects, held-out predictions)",
+                  caption=BIAS_SLOPE_NOTE, caption_justify="left")
+    for col in ("group", "n", "age MAE", "baseline MAE", "ratio", "r", "bias slope",
+                "sex acc.", "baseline acc.", "AUC"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in crossval_rows(result.metrics):
+        table.add_row(row["group"], str(row["n"]), f(row["age_mae"], ".2f"),
+                      f(row["baseline_mae"], ".2f"), f(row["mae_ratio"], ".2f"),
+                      f(row["age_r"], ".3f"), f(row["age_bias_slope"], ".3f"),
+                      f(row["sex_accuracy"], ".1%"), f(row["baseline_accuracy"], ".1%"),
+                      f(row["sex_auc"], ".3f"))
+    console.print(table)
+    console.print(f"results in {out}/ (predictions.tsv, metrics.json, table.tsv; "
+                  "fold-K/run: each fold's training run)", soft_wrap=True)
+
+
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
+    weights: Annotated[
+        list[Path], typer.Option("--weights", help="Weights file; repeat to compare several.")
+    ],
+    split: Annotated[
+        SplitName, typer.Option("--split", help="Which images: all, or one split (from "
+                                "--split-file or the splits.tsv beside the first weights).")
+    ] = SplitName.all,
+    split_file: Annotated[
+        Path | None, typer.Option("--split-file", help="Split folder or a run's splits.tsv.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "brainbag-eval"),
+    mode: Annotated[Mode, typer.Option("--mode", help="As for predict.")] = Mode.auto,
+    window: Annotated[
+        tuple[int, int, int], typer.Option("--window", help="Sliding window x y z.")
+    ] = (160, 160, 128),
+    overlap: Annotated[float, typer.Option("--overlap", help="As for predict.")] = 0.25,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per pass.")] = 1,
+    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    precision: Annotated[PrecisionOpt, typer.Option("--precision")] = PrecisionOpt.fp32,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the scatter PNG.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Evaluate images that fail predict's input checks "
+                           "(recorded per image in checks.json and predictions.tsv).")
+    ] = False,
+) -> None:
+    """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
+    from brainbag.network.inference import InferenceSettings
+    from brainbag.train.evaluate import EvaluateSettings, run_evaluate, table_rows
+
+    settings = EvaluateSettings(
+        data=data, weights=tuple(weights), split=split.value, split_file=split_file, out=out,
+        inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
+                                    overlap=overlap, batch_size=batch_size,
+                                    device=device.value, precision=precision.value),
+        plot=not no_plot, force=force,
+    )
+    from brainbag.run.progress import StepStatus
+
+    console = _console()
+    with _exit_on_errors(), StepStatus(_console(stderr=True), "evaluating...") as status:
+        def progress(k: int, n: int, record: Any) -> None:
+            status.update(f"evaluating {k + 1}/{n}: {record.participant_id}")
+
+        results = run_evaluate(settings, on_image=progress)
+    from rich.table import Table
+
+    from brainbag.train.evaluate import BIAS_SLOPE_NOTE
+
+    table = Table(title=f"brainbag evaluate ({split.value}, {mode.value})",
+                  caption=BIAS_SLOPE_NOTE, caption_justify="left")
+    for col, justify in (("weights", "left"), ("RF", "right"), ("n", "right"),
+                         ("age MAE", "right"), ("RMSE", "right"), ("r", "right"),
+                         ("bias slope", "right"), ("sex acc.", "right"), ("AUC", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in table_rows(results):
+        table.add_row(row["weights"], str(row["rf"]), str(row["n"]), f(row["age_mae"], ".2f"),
+                      f(row["age_rmse"], ".2f"), f(row["age_r"], ".3f"),
+                      f(row["age_bias_slope"], ".3f"), f(row["sex_accuracy"], ".1%"),
+                      f(row["sex_auc"], ".3f"))
+    console.print(table)
+    console.print(f"results in {out}/ (<weights>/predictions.tsv, metrics.json, age_scatter.png"
+                  + (", table.tsv)" if len(results) > 1 else ")"), soft_wrap=True)
