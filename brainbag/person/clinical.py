@@ -45,6 +45,9 @@ SEX_MISMATCH = (0.1, 0.9)
 INTERVAL_LEVEL = 0.9
 #: a map spread below ``low * p5`` or above ``high * p95`` of the held-out scans is flagged
 SPREAD_LIMITS = (0.5, 2.0)
+#: a bias-line slope at or below this means the predictions carry no age signal: no correction
+#: divides by it (here and in a site calibration, :mod:`brainbag.person.calibration`)
+MIN_SLOPE = 0.05
 
 BIAS_METHOD = ("de Lange & Cole 2020: on held-out predictions fit predicted = slope * age + "
                "intercept (least squares); corrected age = (predicted - intercept) / slope; "
@@ -103,7 +106,7 @@ def fit_calibration(
     pred = np.array([p for _, p in aged])
     slope, intercept = (float(c) for c in np.polyfit(age, pred, 1))
     out: dict[str, Any] = {"fitted_on": fitted_on, "n": len(aged)}
-    if slope > 0.05:
+    if slope > MIN_SLOPE:
         corrected_gap = (pred - intercept) / slope - age
         out["bias_correction"] = {
             "method": BIAS_METHOD, "reference": BIAS_REFERENCE,
@@ -188,6 +191,16 @@ def model_figures(meta_training: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def spread_reference(ref: dict[str, Any]) -> str:
+    """Whose map spreads a calibration's range comes from, for a message: the weights'
+    held-out scans, or the controls of a site calibration (its ``source``)."""
+    source = str(ref.get("source") or "weights")
+    if source.startswith("site"):
+        n = f"{ref['n']} " if ref.get("n") is not None else ""
+        return f"the {n}controls of site calibration {source}"
+    return "the weights' held-out scans"
+
+
 def read_prediction(
     age: float | None,
     p_female: float | None,
@@ -211,6 +224,8 @@ def read_prediction(
             q = float(interval["half_width_years"])
             r.age_interval = (age - q, age + q)
             r.methods["age_interval"] = {**interval, "n": cal.get("n")}
+        elif cal.get("age_interval_note"):
+            r.notes.append(f"age interval {cal['age_interval_note']}")
         if chronological_age is not None:
             r.brain_age_gap = age - chronological_age
             r.methods["brain_age_gap"] = "predicted age - chronological age"
@@ -236,11 +251,12 @@ def read_prediction(
     if spread is not None and cal.get("map_spread"):
         ref = cal["map_spread"]
         r.methods["map_spread"] = {k: ref[k] for k in ("definition", "n", "p5", "median", "p95",
-                                                       "warn_below", "warn_above")}
+                                                       "warn_below", "warn_above", "source")
+                                   if k in ref}
         if spread > float(ref["warn_above"]) or spread < float(ref["warn_below"]):
             r.warnings.append(
-                f"the local age map spreads {spread:.1f} y across the brain; on the weights' "
-                f"held-out scans it spread {ref['p5']:.1f}-{ref['p95']:.1f} y (5th-95th "
+                f"the local age map spreads {spread:.1f} y across the brain; on "
+                f"{spread_reference(ref)} it spread {ref['p5']:.1f}-{ref['p95']:.1f} y (5th-95th "
                 "percentile): a map that disagrees with itself this much suggests a bad input "
                 "or an unfamiliar scanner; check the scan and its mask")
     if recorded_sex is not None and p_female is not None:
