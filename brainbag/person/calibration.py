@@ -111,6 +111,7 @@ from brainbag.person.clinical import (
     BIAS_METHOD,
     BIAS_REFERENCE,
     INTERVAL_LEVEL,
+    MIN_SLOPE,
     SEX_MISMATCH,
     SEX_UNDETERMINED,
     conformal_half_width,
@@ -129,8 +130,6 @@ MIN_CONTROLS = 3
 LINE_MIN_CONTROLS = 10
 #: ... and an age range (max - min, years) at least this wide
 LINE_MIN_RANGE = 5.0
-#: a slope at or below this means no age signal (clinical.fit_calibration's threshold)
-MIN_SLOPE = 0.05
 #: fewer controls than this get a warning naming the slope's bootstrap SD
 SMALL_N_WARN = 20
 #: an age range (years) narrower than this gets a warning
@@ -467,7 +466,7 @@ def describe(site: SiteCalibration) -> list[str]:
         f"  slope {site.slope:.3f}{ci}; intercept {site.intercept:.2f}{ici}; residual SD "
         f"{site.residual_sd:.2f} y",
         (f"  90 % age interval: predicted age +/- {interval['half_width_years']:.1f} y"
-         if interval else f"  no age interval: {site.calibration.get('age_interval_note', '')}"),
+         if interval else f"  age interval {site.calibration.get('age_interval_note', '')}"),
     ]
     if spread:
         lines.append(f"  map spread {spread['p5']:.1f}-{spread['p95']:.1f} y (5th-95th "
@@ -531,6 +530,23 @@ def _choose_line(line: str, n: int, age_range: float, boot: dict[str, Any] | Non
     return "offset", f"offset only, the weights' slope {weights_slope:.3f} kept: {why}", [
         f"site calibration fits the offset only and keeps the weights' slope "
         f"{weights_slope:.3f}: {why}; {hint} to fit the site's own slope"]
+
+
+def check_line(line: str, ages: Sequence[float | None],
+               weights_calibration: dict[str, Any] | None, weights_id: str) -> None:
+    """Refuse, before any control is predicted, a bias line the controls' ages or the weights
+    rule out whatever the predictions turn out to be (the one-line InputError
+    :func:`fit_site_calibration` would raise): ``line="full"`` on ages spanning under
+    :data:`LINE_MIN_RANGE` years, or an offset line (asked for, or the only one ``auto`` could
+    choose) when the weights carry no slope to keep."""
+    if line not in LINES:
+        raise UsageError(f"line {line!r} is not one of {', '.join(LINES)}")
+    values = [v for v in (_number(a) for a in ages) if v is not None]
+    if not values:
+        return
+    # a slope every check accepts: only what the ages and the weights say can refuse
+    _choose_line(line, len(values), max(values) - min(values), {"slope_ci95": (1.0, 1.0)}, 1.0,
+                 _weights_slope(weights_calibration), weights_id)
 
 
 def fit_site_calibration(
