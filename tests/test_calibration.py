@@ -294,3 +294,62 @@ def test_the_effect_summary_compares_weights_and_site_calibration() -> None:
     lines = format_effect(e) + describe(site)
     assert any("weights' own calibration" in line for line in lines)
     assert any("bias line (full)" in line for line in lines)
+
+
+def test_the_map_spread_warning_and_methods_name_the_site_calibration() -> None:
+    pred, age = _controls(12, noise=2.0, seed=11)
+    site = _fit(pred, age)
+    site.path = Path("clinic.json")
+    cal, source = choose_calibration(WEIGHTS_CAL, site)
+    spread = site.calibration["map_spread"]
+    odd = 3 * spread["warn_above"]
+    r = read_prediction(50.0, 0.5, odd, 40.0, None, cal, (20, 80), WEIGHTS_ID)
+    assert r.methods["map_spread"]["source"] == source == "site:clinic.json"
+    text = next(w for w in r.warnings if "local age map spreads" in w)
+    assert "on the 12 controls of site calibration site:clinic.json it spread" in text
+    # the weights' own: named as before
+    w_cal, _ = choose_calibration(WEIGHTS_CAL, None)
+    r = read_prediction(50.0, 0.5, 3 * w_cal["map_spread"]["warn_above"], 40.0, None, w_cal,
+                        (20, 80), WEIGHTS_ID)
+    assert r.methods["map_spread"]["source"] == "weights"
+    assert any("on the weights' held-out scans it spread" in w for w in r.warnings)
+
+
+def test_a_calibration_without_interval_says_why_in_the_reading() -> None:
+    site = _fit([50.0, 55.0, 63.0, 58.0], [30.0, 45.0, 60.0, 50.0])
+    cal, _ = choose_calibration(WEIGHTS_CAL, site)
+    r = read_prediction(50.0, None, None, 40.0, None, cal, (20, 80), WEIGHTS_ID)
+    assert r.age_interval is None and "age_interval" not in r.methods
+    assert "age interval not fitted: a 90% split-conformal interval needs at least 9 controls, " \
+        "got 4" in r.notes
+
+
+def test_one_minimum_slope_for_the_weights_and_the_site(monkeypatch) -> None:
+    from brainbag.person import calibration, clinical
+
+    assert calibration.MIN_SLOPE is clinical.MIN_SLOPE == 0.05
+    # the weights' fit reads the shared constant (it was a literal 0.05 of its own)
+    rows = [{"age": a, "predicted_age": 0.3 * a + 40} for a in (20.0, 40.0, 60.0)]
+    assert fit_calibration(rows, fitted_on="x")["bias_correction"]["slope"] == 0.3
+    monkeypatch.setattr(clinical, "MIN_SLOPE", 0.4)
+    assert fit_calibration(rows, fitted_on="x")["bias_correction"] is None
+
+
+def test_check_line_refuses_before_prediction_what_the_fit_would() -> None:
+    from brainbag.person.calibration import check_line
+
+    ages = [40.0, 41.0, 43.0, 44.0]
+    with pytest.raises(InputError) as before:
+        check_line("full", ages, WEIGHTS_CAL, WEIGHTS_ID)
+    with pytest.raises(InputError) as after:
+        _fit([50.0, 51.0, 52.0, 53.0], ages, line="full")
+    assert one_line(before) == one_line(after)
+    with pytest.raises(InputError) as exc:
+        check_line("auto", ages, None, WEIGHTS_ID)
+    assert "carry no slope" in one_line(exc)
+    with pytest.raises(InputError):
+        check_line("offset", [20.0, 60.0, 70.0], {}, WEIGHTS_ID)
+    check_line("auto", ages, WEIGHTS_CAL, WEIGHTS_ID)  # the offset line is possible
+    check_line("full", [20.0, 60.0, 70.0], None, WEIGHTS_ID)  # the predictions decide
+    with pytest.raises(UsageError):
+        check_line("both", ages, WEIGHTS_CAL, WEIGHTS_ID)
