@@ -134,3 +134,106 @@ OfflineOpt = Annotated[
     typer.Option("--offline", help="Never use the network (also: HF_HUB_OFFLINE=1); weights must "
                  "be bundled or cached."),
 ]
+
+# Options `predict` and `calibrate` share: the weights, the inputs' masks and tables, the checks
+# and the inference (calibrate predicts its controls the way predict does).
+RfOpt = Annotated[
+    int | None,
+    typer.Option("--rf", help="Receptive field in mm: 9, 17, 33 or 177 \\[default: 9, or the "
+                 "RF of --weights]."),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
+                 "a .safetensors file written by brainbag \\[default: the manifest's default "
+                 "for --rf]."),
+]
+MaskOpt = Annotated[
+    Path | None,
+    typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain); voxels "
+                 "outside it are set to background. Default: voxels > 0 of the image."),
+]
+ModeOpt = Annotated[
+    Mode, typer.Option("--mode", help="auto: what the weights were trained on (full for "
+                       "whole-brain views, else sliding); sliding: windows of the training "
+                       "crop size; full: the whole volume (or brain view) in one pass.")
+]
+WindowOpt = Annotated[
+    tuple[int, int, int],
+    typer.Option("--window", help="Sliding window size in voxels (x y z), multiples of 8."),
+]
+OverlapOpt = Annotated[
+    float, typer.Option("--overlap", help="Fraction of a window shared by neighbours, [0, 1).")
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", help="Windows per forward pass (sliding mode).")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda when available, else "
+                                           "cpu.")]
+PrecisionOption = Annotated[
+    PrecisionOpt,
+    typer.Option("--precision", help="bf16 autocast on GPUs and CPUs that support it."),
+]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option("--threads", help="CPU threads; 0 = one per physical core, at most the CPUs "
+                 "this process may use and those other work leaves idle (by the 1-minute "
+                 "load average): on a busy machine more threads are slower."),
+]
+NoResampleOpt = Annotated[
+    bool,
+    typer.Option("--no-resample", help="Refuse inputs that are not 1 mm isotropic instead "
+                 "of resampling them."),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Predict even when a check fails (recorded in "
+                       "prediction.json).")
+]
+N4Opt = Annotated[
+    bool, typer.Option("--n4", help="N4 bias-field correction within the brain mask before "
+                       "prediction.")
+]
+MaskPatternOpt = Annotated[
+    str | None,
+    typer.Option("--mask-pattern", help="Mask next to each image, as a template with "
+                 "{stem} {name} {subject} {session} {prefix}, e.g. '{stem}_mask.nii.gz' "
+                 "(relative to the image's folder). A missing mask fails that input."),
+]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", "-j", min=0, help="Worker threads that read and preprocess "
+                      "the next scans while the current one runs; 0 = no overlap.")
+]
+ParticipantsOpt = Annotated[
+    Path | None,
+    typer.Option("--participants", help="Table (.tsv/.csv) of participant_id (or t1w "
+                 "paths) with age and/or sex, matched to the inputs by file name or path. "
+                 "Without it: a BIDS dataset's participants.tsv, sessions.tsv and "
+                 "*_scans.tsv; a list file's third and fourth columns."),
+]
+
+
+def check_rf(rf: int | None) -> None:
+    """Refuse an --rf no BagNet-3D has (exit 2, one line)."""
+    from brainbag.network.model import RF_KERNEL3
+
+    if rf is not None and rf not in RF_KERNEL3:
+        from brainbag.errors import EXIT_USAGE, UsageError
+
+        fail(UsageError(f"--rf must be one of {sorted(RF_KERNEL3)}, got {rf}"), EXIT_USAGE)
+
+
+def inference_settings(mode: Mode, window: tuple[int, int, int], overlap: float,
+                       batch_size: int, device: Device, precision: PrecisionOpt,
+                       threads: int) -> Any:
+    """The :class:`~brainbag.network.inference.InferenceSettings` of the shared options."""
+    from brainbag.network.inference import InferenceSettings
+
+    return InferenceSettings(
+        mode=mode.value,
+        window=tuple(window),  # type: ignore[arg-type]
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device.value,
+        precision=precision.value,
+        threads=threads,
+    )

@@ -10,19 +10,37 @@ import typer
 
 from brainbag.cli.common import (
     EXIT_INTERRUPTED,
+    BatchSizeOpt,
     CacheDirOpt,
     Device,
+    DeviceOpt,
+    ForceOpt,
+    JobsOpt,
     ManifestOpt,
+    MaskOpt,
+    MaskPatternOpt,
     Mode,
+    ModeOpt,
+    N4Opt,
+    NoResampleOpt,
     OfflineOpt,
+    OverlapOpt,
+    ParticipantsOpt,
     PrecisionOpt,
+    PrecisionOption,
+    RfOpt,
+    ThreadsOpt,
+    WeightsOpt,
+    WindowOpt,
     _console,
     _exit_on_errors,
     _large_pages_for_torch,
     _state,
+    check_rf,
     fail,
+    inference_settings,
 )
-from brainbag.errors import EXIT_FAILURE, EXIT_USAGE, BrainbagError, UsageError
+from brainbag.errors import EXIT_FAILURE, BrainbagError
 
 MAX_TABLE_ROWS = 40  # larger runs print only the summary; the full table is predictions.tsv
 
@@ -44,58 +62,20 @@ def predict(
                        "or one folder of them (searched recursively), one BIDS dataset, or one "
                        "list file (.txt: one path per line)."),
     ],
-    rf: Annotated[
-        int | None,
-        typer.Option("--rf", help="Receptive field in mm: 9, 17, 33 or 177 \\[default: 9, or the "
-                     "RF of --weights]."),
-    ] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
-                     "a .safetensors file written by brainbag \\[default: the manifest's default "
-                     "for --rf]."),
-    ] = None,
+    rf: RfOpt = None,
+    weights: WeightsOpt = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder.")
     ] = Path("brainbag-results"),
-    mask: Annotated[
-        Path | None,
-        typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain); voxels "
-                     "outside it are set to background. Default: voxels > 0 of the image."),
-    ] = None,
-    mode: Annotated[
-        Mode, typer.Option("--mode", help="auto: what the weights were trained on (full for "
-                           "whole-brain views, else sliding); sliding: windows of the training "
-                           "crop size; full: the whole volume (or brain view) in one pass.")
-    ] = Mode.auto,
-    window: Annotated[
-        tuple[int, int, int],
-        typer.Option("--window", help="Sliding window size in voxels (x y z), multiples of 8."),
-    ] = (160, 160, 128),
-    overlap: Annotated[
-        float, typer.Option("--overlap", help="Fraction of a window shared by neighbours, [0, 1).")
-    ] = 0.25,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Windows per forward pass (sliding mode).")
-    ] = 1,
-    device: Annotated[
-        Device, typer.Option("--device", help="auto = cuda when available, else cpu.")
-    ] = Device.auto,
-    precision: Annotated[
-        PrecisionOpt,
-        typer.Option("--precision", help="bf16 autocast on GPUs and CPUs that support it."),
-    ] = PrecisionOpt.fp32,
-    threads: Annotated[
-        int,
-        typer.Option("--threads", help="CPU threads; 0 = one per physical core, at most the CPUs "
-                     "this process may use and those other work leaves idle (by the 1-minute "
-                     "load average): on a busy machine more threads are slower."),
-    ] = 0,
-    no_resample: Annotated[
-        bool,
-        typer.Option("--no-resample", help="Refuse inputs that are not 1 mm isotropic instead "
-                     "of resampling them."),
-    ] = False,
+    mask: MaskOpt = None,
+    mode: ModeOpt = Mode.auto,
+    window: WindowOpt = (160, 160, 128),
+    overlap: OverlapOpt = 0.25,
+    batch_size: BatchSizeOpt = 1,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOption = PrecisionOpt.fp32,
+    threads: ThreadsOpt = 0,
+    no_resample: NoResampleOpt = False,
     map_space: Annotated[
         MapSpaceOpt,
         typer.Option("--map-space", help="model: maps on the network's own grid (every 8th "
@@ -105,24 +85,13 @@ def predict(
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Predict even when a check fails (recorded in "
-                           "prediction.json).")
-    ] = False,
-    n4: Annotated[
-        bool, typer.Option("--n4", help="N4 bias-field correction within the brain mask before "
-                           "prediction.")
-    ] = False,
+    force: ForceOpt = False,
+    n4: N4Opt = False,
     save_conformed: Annotated[
         bool, typer.Option("--save-conformed", help="Also write conformed.nii.gz: the whitened "
                            "1 mm image the model sees, in world register with the input.")
     ] = False,
-    mask_pattern: Annotated[
-        str | None,
-        typer.Option("--mask-pattern", help="Mask next to each image, as a template with "
-                     "{stem} {name} {subject} {session} {prefix}, e.g. '{stem}_mask.nii.gz' "
-                     "(relative to the image's folder). A missing mask fails that input."),
-    ] = None,
+    mask_pattern: MaskPatternOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Finish an earlier run in --out: skip inputs done "
                            "(ok) with the same input, weights and settings; redo the rest.")
@@ -131,10 +100,7 @@ def predict(
         bool, typer.Option("--overwrite", help="Redo every input even if --out already holds "
                            "results (replacing their outputs and rows).")
     ] = False,
-    jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=0, help="Worker threads that read and preprocess "
-                          "the next scans while the current one runs; 0 = no overlap.")
-    ] = 1,
+    jobs: JobsOpt = 1,
     png: Annotated[
         bool | None,
         typer.Option("--png/--no-png", help="Write a PNG per input (three slices with the age "
@@ -158,12 +124,13 @@ def predict(
                      "(LOCAL_RANK picks the GPU). The last shard to finish merges the tables; "
                      "see `brainbag merge`."),
     ] = None,
-    participants: Annotated[
+    participants: ParticipantsOpt = None,
+    calibration: Annotated[
         Path | None,
-        typer.Option("--participants", help="Table (.tsv/.csv) of participant_id (or t1w "
-                     "paths) with age and/or sex, matched to the inputs by file name or path. "
-                     "Without it: a BIDS dataset's participants.tsv, sessions.tsv and "
-                     "*_scans.tsv; a list file's third and fourth columns."),
+        typer.Option("--calibration", help="A site calibration written by `brainbag calibrate` "
+                     "for these weights: read the corrected gap, interval, flags and map-spread "
+                     "range with it instead of the weights' own (see the README's \"Use on your "
+                     "own scanner\")."),
     ] = None,
 ) -> None:
     """Predict brain age and P(female) and write local age and sex maps.
@@ -173,26 +140,16 @@ def predict(
     "Reading the numbers".
     """
     _large_pages_for_torch()
-    from brainbag.network.inference import InferenceSettings
-    from brainbag.network.model import RF_KERNEL3
     from brainbag.run.predict import PredictSettings, run_predict
 
-    if rf is not None and rf not in RF_KERNEL3:
-        fail(UsageError(f"--rf must be one of {sorted(RF_KERNEL3)}, got {rf}"), EXIT_USAGE)
+    check_rf(rf)
     settings = PredictSettings(
         out=out,
         rf=rf,
         weights=weights,
         mask=mask,
-        inference=InferenceSettings(
-            mode=mode.value,
-            window=tuple(window),  # type: ignore[arg-type]
-            overlap=overlap,
-            batch_size=batch_size,
-            device=device.value,
-            precision=precision.value,
-            threads=threads,
-        ),
+        inference=inference_settings(mode, window, overlap, batch_size, device, precision,
+                                     threads),
         resample=not no_resample,
         map_space=map_space.value,
         manifests=tuple(manifest or ()),
@@ -210,6 +167,7 @@ def predict(
         sex=sex.value if sex is not None else None,
         participants=participants,
         shard=shard,
+        calibration=calibration,
     )
     import time
 
@@ -323,8 +281,37 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer:
     worth = _model_worth(records)
     if worth:
         console.print(worth, soft_wrap=True)
+    sources = sorted({_calibration_source(r) for r in records} - {""})
+    if sources:
+        console.print("gaps, intervals and flags read with "
+                      + " and ".join(escape(_SOURCE_NAMES.get(s, f"site calibration {s}"))
+                                     for s in sources), soft_wrap=True)
     if footer:
         console.print(f"results in {out}/ (predictions.tsv, prediction.json and maps per input)")
+
+
+_SOURCE_NAMES = {"weights": "the weights' own calibration (their cross-validation)"}
+
+
+def _calibration_source(r: dict[str, Any]) -> str:
+    """The calibration a record (or a predictions.tsv row) was read with: ``weights``,
+    ``site:<file name>``, or "" (none)."""
+    value = r.get("calibration")
+    if isinstance(value, dict):
+        value = value.get("source")
+    return str(value or "")
+
+
+def _calibration_text(r: dict[str, Any]) -> tuple[str, str] | None:
+    """(what, where) of a record's calibration for the one-input table."""
+    source = _calibration_source(r)
+    if not source:
+        return None
+    if source == "weights":
+        return "weights' own", "their cross-validation"
+    used = r.get("calibration")
+    where = used.get("file") if isinstance(used, dict) else None
+    return "site", str(where or source)
 
 
 def _print_one(console: Any, r: dict[str, Any]) -> None:
@@ -357,18 +344,23 @@ def _print_one(console: Any, r: dict[str, Any]) -> None:
     if r.get("brain_age_gap") is not None:
         table.add_row("brain-age gap", f"{number(r['brain_age_gap'], 1, sign=True)} y",
                       "predicted - chronological")
+    site = _calibration_source(r).startswith("site")
     if r.get("brain_age_gap_corrected") is not None:
         sd = (methods.get("brain_age_gap_corrected") or {}).get("corrected_gap_sd")
+        healthy = "the site's healthy controls" if site else "healthy held-out adults"
         table.add_row("bias-corrected gap",
                       f"{number(r['brain_age_gap_corrected'], 1, sign=True)} y",
-                      "de Lange & Cole 2020" + (f"; SD {sd:.1f} y in healthy held-out adults"
-                                                if sd else ""))
+                      "de Lange & Cole 2020" + (f"; SD {sd:.1f} y in {healthy}" if sd else ""))
     if r.get("recorded_sex") is not None:
         table.add_row("recorded sex", str(r["recorded_sex"]), "")
     if r.get("map_spread") is not None:
         ref = methods.get("map_spread") or {}
+        scans = "site controls" if site else "held-out scans"
         table.add_row("map spread", f"{r['map_spread']:.1f} y",
-                      f"held-out scans {ref['p5']:.1f}-{ref['p95']:.1f} y" if ref else "")
+                      f"{scans} {ref['p5']:.1f}-{ref['p95']:.1f} y" if ref else "")
+    calibration = _calibration_text(r)
+    if calibration:
+        table.add_row("calibration", *(escape(x) for x in calibration))
     table.add_row("model", f"RF {r.get('rf')}", escape(str((r.get("weights") or {}).get("id"))
                                                        + f" · {r.get('mode')}"))
     console.print(table)

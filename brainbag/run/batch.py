@@ -35,9 +35,10 @@ REQUIRED_COLUMNS = ("subject", "session", "path", "input_sha256", "status", "age
 #: Settings that change how fast a run is, not what it computes (left out of the fingerprint).
 #: ``force`` is left out so that ``--resume --force`` redoes only the inputs whose checks failed
 #: (forced results record it in prediction.json); optional outputs are checked by file instead.
+#: ``calibration`` is a path: the Predictor adds the file's sha256 to the fingerprint instead.
 NOT_RESULT_SETTINGS = {"out", "weights", "rf", "mask", "mask_pattern", "png", "jobs", "resume",
                        "overwrite", "manifests", "cache_dir", "offline", "force",
-                       "save_conformed", "shard"}
+                       "save_conformed", "shard", "calibration"}
 NOT_RESULT_INFERENCE = {"device", "batch_size", "threads"}
 
 T = TypeVar("T")

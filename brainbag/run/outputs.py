@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # imported where used: the table and JSON writers need neithe
 
 TSV_COLUMNS = (
     "subject", "session", "path", "input_sha256", "status", "age", "p_female", *READING_COLUMNS,
-    "rf", "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds", "output",
+    "calibration", "rf", "weights_id", "weights_sha256", "mode", "warnings", "error", "seconds",
+    "output",
 )
 
 

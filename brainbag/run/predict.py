@@ -79,6 +79,7 @@ def tsv_record(record: dict[str, Any]) -> dict[str, Any]:
         "age": record.get("age"),
         "p_female": record.get("p_female"),
         **{k: record.get(k) for k in READING_COLUMNS},
+        "calibration": (record.get("calibration") or {}).get("source"),
         "rf": record.get("rf"),
         "weights_id": weights.get("id"),
         "weights_sha256": weights.get("sha256"),
@@ -207,14 +208,16 @@ def run_discovered(
     settings: PredictSettings,
     observer: RunObserver | None = None,
     keep_going: bool | None = None,
+    weights: LoadedWeights | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_predict` on inputs already discovered, holding the output folder's lock
     (:mod:`brainbag.run.lock`) for the whole run: a second run on the same ``--out`` is refused.
-    With ``settings.shard``, only that shard's inputs (:mod:`brainbag.run.shards`)."""
+    With ``settings.shard``, only that shard's inputs (:mod:`brainbag.run.shards`).
+    ``weights``: weights already loaded, used in place of ``settings.weights``."""
     if settings.shard is not None:
         return _run_shard(discovery, settings, observer)
     with OutputLock(settings.out):
-        return BatchRun(discovery, settings, observer, keep_going).run()
+        return BatchRun(discovery, settings, observer, keep_going, weights=weights).run()
 
 
 def _run_shard(discovery: Discovery, settings: PredictSettings,
@@ -257,9 +260,10 @@ class BatchRun:
         observer: RunObserver | None = None,
         keep_going: bool | None = None,
         shard: ShardPlan | None = None,
+        weights: LoadedWeights | None = None,
     ) -> None:
         """``shard``: this run is that shard of all the given inputs (``discovery`` holds only
-        the shard's own)."""
+        the shard's own); ``weights``: weights already loaded (else ``settings``' are)."""
         if settings.jobs < 0:
             raise UsageError(f"--jobs must be >= 0, got {settings.jobs}")
         if settings.png is None:
@@ -273,7 +277,9 @@ class BatchRun:
         self.settings = settings
         self.observer = observer
         self.keep_going = discovery.batch if keep_going is None else keep_going
-        self.predictor = Predictor(settings)
+        self.predictor = Predictor(settings, weights)
+        # a site calibration for other weights is refused before any scan runs
+        self.predictor.site_calibration()
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: deque[tuple[ScanInput, Outcome, float]] = deque()
         self.wrote = False

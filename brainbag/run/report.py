@@ -228,6 +228,19 @@ def reading_text(row: dict[str, Any]) -> tuple[str, str]:
     return "   ·   ".join(parts), gap
 
 
+def calibration_label(value: Any) -> str:
+    """Which calibration the numbers were read with, for a picture or a page: "weights' own
+    calibration", "site calibration <file name>", or "" (none). ``value`` is a record's
+    ``calibration`` (a dict) or a predictions.tsv cell (its source)."""
+    source = value.get("source") if isinstance(value, dict) else value
+    if not source:
+        return ""
+    source = str(source)
+    if source == "weights":
+        return "weights' own calibration"
+    return "site calibration " + (source.split(":", 1)[1] if ":" in source else source)
+
+
 def _present(value: Any) -> bool:
     return value is not None and value != ""
 
@@ -256,8 +269,11 @@ def png_title(record: dict[str, Any]) -> tuple[str, str]:
                 + (f" (cross-validated: {', '.join(worth)})" if worth else "")
                 + f" · {record.get('mode')} · "
                 f"{Path(str((record.get('input') or {}).get('path'))).name}")
+    calibration = calibration_label(record.get("calibration"))
     if gap:
-        subtitle = gap + "\n" + subtitle
+        subtitle = gap + (f" · {calibration}" if calibration else "") + "\n" + subtitle
+    elif calibration:
+        subtitle += f" · {calibration}"
     return title, subtitle
 
 
@@ -295,7 +311,8 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str = "brainbag pr
     for row in ok:
         ids = " ".join(x for x in (row.get("subject"), row.get("session")) if x)
         numbers, gap = reading_text(row)
-        numbers = " · ".join(x for x in (numbers, gap) if x)
+        numbers = " · ".join(x for x in (numbers, gap, calibration_label(row.get("calibration")))
+                             if x)
         warnings = warning_list(row.get("warnings"))
         warn = ("<br><span class='failed'>UNTRAINED weights: the numbers mean nothing</span>"
                 if any("UNTRAINED" in w for w in warnings) else "")

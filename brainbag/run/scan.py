@@ -51,6 +51,11 @@ from brainbag.network.inference import (
     resolve_precision,
     resolve_threads,
 )
+from brainbag.person.calibration import (
+    SiteCalibration,
+    choose_calibration,
+    read_site_calibration,
+)
 from brainbag.person.clinical import (
     Reading,
     map_spread,
@@ -97,6 +102,8 @@ class PredictSettings:
     sex: str | None = None  # --sex: recorded sex of the one input ("F" or "M")
     participants: Path | None = None  # --participants: a table of ages and sexes
     shard: str | None = None  # --shard K/N or auto: this process runs shard K of N
+    #: --calibration: a site calibration (``brainbag calibrate``) read in place of the weights'
+    calibration: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (written to every ``prediction.json``)."""
@@ -106,6 +113,7 @@ class PredictSettings:
         d["manifests"] = [str(m) for m in self.manifests]
         d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         d["participants"] = str(self.participants) if self.participants else None
+        d["calibration"] = str(self.calibration) if self.calibration else None
         d["inference"]["window"] = list(self.inference.window)
         return d
 
@@ -241,6 +249,8 @@ class Inferred:
     warnings: list[str]
     seconds: float
     reading: Reading = field(default_factory=Reading)
+    #: which calibration the reading used (``prediction.json``'s ``calibration``)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 class Predictor:
@@ -260,7 +270,33 @@ class Predictor:
             settings.inference.precision, self.device
         )
         self.weights = WeightsProvider(settings, weights)
-        self.fingerprint = settings_fingerprint(settings.to_dict())
+        self._site: SiteCalibration | None = None
+        self._site_sha256: str | None = None
+        self._site_lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:
+        """The settings fingerprint (``--resume``, shards): the settings that change results,
+        and the content of the site calibration file when one is given."""
+        settings = self.settings.to_dict()
+        if self.settings.calibration is not None:
+            self.site_calibration()
+            settings["calibration_sha256"] = self._site_sha256
+        return settings_fingerprint(settings)
+
+    def site_calibration(self) -> SiteCalibration | None:
+        """The site calibration of ``--calibration``, read once for the weights in use (loading
+        them): a file for other weights, or one that cannot be read, is refused with one line."""
+        if self.settings.calibration is None:
+            return None
+        with self._site_lock:
+            if self._site is None:
+                weights = self.weights.get()
+                path = Path(self.settings.calibration)
+                site = read_site_calibration(path, weights.sha256, weights.id)
+                self._site_sha256 = sha256_file(path)
+                self._site = site
+            return self._site
 
     def predict(self, source: Path | ScanInput, mask_path: Path | None = None) -> dict[str, Any]:
         """Predict one input and write its outputs; returns the prediction record."""
@@ -362,11 +398,21 @@ class Predictor:
         result = run_weights(weights, conformed, inference)
         heads = interpret(result, weights)
         people = prepared.item.demographics
+        site = self.site_calibration()
+        calibration, source = choose_calibration(meta.calibration, site)
         reading = read_prediction(
             heads.age_global, heads.p_female, map_spread(heads.age, result.brain), people.age,
-            people.sex, meta.calibration, meta.training.get("age_range"), weights.id)
+            people.sex, calibration, meta.training.get("age_range"), weights.id)
+        if site is not None:
+            reading.warnings += site.age_warnings(people.age)
         warnings += reading.warnings
-        return Inferred(result, heads, weights, warnings, time.perf_counter() - t0, reading)
+        used = {"source": source if calibration else None,
+                "file": str(Path(self.settings.calibration or "").resolve())
+                if site is not None else None,
+                "file_sha256": self._site_sha256 if site is not None else None,
+                "weights_id": site.weights_id if site is not None else weights.id}
+        return Inferred(result, heads, weights, warnings, time.perf_counter() - t0, reading,
+                        used)
 
     def write(self, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         """Write the input's outputs (staged, then renamed into place); return its record."""
@@ -409,6 +455,7 @@ class Predictor:
             "age": heads.age_global,
             "p_female": heads.p_female,
             **reading.columns(),
+            "calibration": inferred.calibration,
             "reading": {
                 "demographics_source": item.demographics.source,
                 "methods": reading.methods,
