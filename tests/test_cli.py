@@ -59,9 +59,10 @@ def _help(*command: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("command", [(), ("predict",), ("check",), ("train",), ("crossval",),
-                                     ("evaluate",), ("weights", "info"), ("weights", "list"),
-                                     ("weights", "fetch"), ("weights", "publish")])
+@pytest.mark.parametrize("command", [(), ("predict",), ("calibrate",), ("check",), ("train",),
+                                     ("crossval",), ("evaluate",), ("weights", "info"),
+                                     ("weights", "list"), ("weights", "fetch"),
+                                     ("weights", "publish")])
 def test_help_shows_defaults_and_no_value_type_for_flags(command: tuple[str, ...]) -> None:
     """Issue 16: rich markup ate every "[default: ...]" written in a help text (leaving " ."),
     and on/off flags showed a `<bool>` value they do not take."""

@@ -5,10 +5,11 @@ the library. torch, nibabel and SimpleITK are imported inside the commands so ``
 Library errors (:class:`brainbag.errors.BrainbagError`) become one red line and their exit code:
 0 ok, 1 input or processing failure, 2 usage. ``--debug`` shows tracebacks.
 
-One module per command group (:mod:`~brainbag.cli.predict`, :mod:`~brainbag.cli.merge`,
-:mod:`~brainbag.cli.check`, :mod:`~brainbag.cli.weights`, :mod:`~brainbag.cli.train` for train,
-crossval and evaluate), what they share in :mod:`~brainbag.cli.common`; this module builds the
-app and registers the commands in the order ``--help`` lists them.
+One module per command group (:mod:`~brainbag.cli.predict`, :mod:`~brainbag.cli.calibrate`,
+:mod:`~brainbag.cli.merge`, :mod:`~brainbag.cli.check`, :mod:`~brainbag.cli.weights`,
+:mod:`~brainbag.cli.train` for train, crossval and evaluate), what they share in
+:mod:`~brainbag.cli.common`; this module builds the app and registers the commands in the order
+``--help`` lists them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Annotated
 import typer
 
 from brainbag import __version__
-from brainbag.cli import check, merge, predict, train, weights
+from brainbag.cli import calibrate, check, merge, predict, train, weights
 from brainbag.cli.common import Command, Group, _state
 from brainbag.errors import BrainbagError, one_line
 
@@ -60,6 +61,7 @@ def main_callback(
 
 # Commands in the order --help lists them (weights, a group, is listed after the commands).
 app.command(cls=Command)(predict.predict)
+app.command(cls=Command)(calibrate.calibrate)
 app.command(cls=Command)(merge.merge)
 app.command(cls=Command)(check.check)
 app.add_typer(weights.weights_app, name="weights")
