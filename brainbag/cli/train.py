@@ -36,6 +36,20 @@ class ValView(str, Enum):
     full = "full"
 
 
+InitOpt = Annotated[
+    str | None,
+    typer.Option("--init", help="Fine-tune: start from these weights (a manifest weights ID or "
+                 "a .safetensors file) instead of random ones; architecture, voxel size, view "
+                 "and age scaling are theirs (see the finetune-small recipe) \\[default: "
+                 "random]."),
+]
+FreezeOpt = Annotated[
+    int | None,
+    typer.Option("--freeze-stages", help="With --init: keep the stem and the first N of the 4 "
+                 "stages as they are " + _train_default("freeze_stages") + "."),
+]
+
+
 class SplitName(str, Enum):
     all = "all"
     train = "train"
@@ -125,6 +139,8 @@ def train(
     data_licence: Annotated[
         str | None, typer.Option("--data-licence", help="Licence of the training data, "
                                  "recorded in the weights and model card.")] = None,
+    init: InitOpt = None,
+    freeze_stages: FreezeOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last.ckpt.")
     ] = False,
@@ -140,7 +156,8 @@ def train(
         "precision": precision.value if precision else None, "seed": seed, "width": width,
         "val_view": val_view.value if val_view else None, "val_fraction": val_fraction,
         "test_fraction": test_fraction, "compile": compile_model, "workers": workers,
-        "data_name": data_name, "data_licence": data_licence,
+        "data_name": data_name, "data_licence": data_licence, "init": init,
+        "freeze_stages": freeze_stages,
     }
     with _exit_on_errors():
         config, explicit = resolve(str(data), str(out), recipe, flags)
@@ -182,6 +199,8 @@ def crossval(
                  ] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of a new folds file.")] = 0,
     device: Annotated[Device | None, typer.Option("--device")] = None,
+    init: InitOpt = None,
+    freeze_stages: FreezeOpt = None,
 ) -> None:
     """K-fold cross-validation grouped by subject: one model per fold, held-out predictions
     pooled and compared with the predict-the-training-mean baseline (resumable)."""
@@ -191,7 +210,8 @@ def crossval(
     from brainbag.train.trainer import run_training
 
     flags = {"rf": rf, "epochs": epochs, "width": width,
-             "device": device.value if device else None}
+             "device": device.value if device else None, "init": init,
+             "freeze_stages": freeze_stages}
     with _exit_on_errors():
         config, explicit = resolve(str(data), str(out), recipe, flags)
     console = _console()

@@ -37,6 +37,9 @@ class TrainConfig:
     split: str = ""  # split folder or splits.tsv; "" = random split by subject
     data_name: str = ""  # "" = from the data (BIDS dataset_description.json or folder name)
     data_licence: str = ""
+    # fine-tuning (brainbag.train.init): start from these weights (a manifest id or a file)
+    init: str = ""
+    freeze_stages: int = 0  # with init: the stem and this many of the 4 stages stay fixed
     # model
     rf: int = 9
     task: str = "both"
@@ -119,6 +122,13 @@ class TrainConfig:
              "cache_device must be auto, cpu or device"),
             (self.cache_dtype in ("float32", "float16"), "cache_dtype must be float32 or float16"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (0 <= self.freeze_stages <= 4,
+             f"freeze_stages must be 0-4 (the stem and that many of the 4 stages), got "
+             f"{self.freeze_stages}"),
+            (self.freeze_stages == 0 or bool(self.init),
+             f"freeze_stages {self.freeze_stages} keeps stages of the weights training starts "
+             "from, but no --init WEIGHTS was given: they would stay random; give --init (a "
+             "weights id or .safetensors file) or --freeze-stages 0"),
         ]
         for ok, message in checks:
             if not ok:

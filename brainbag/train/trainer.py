@@ -60,6 +60,7 @@ from brainbag.train.datasets import (
     random_split,
     splits_tsv,
 )
+from brainbag.train.init import adopt, age_range_with, open_init, prepare
 from brainbag.train.record import (
     CHECKPOINT_FORMAT,
     QuietReporter,
@@ -353,6 +354,10 @@ class Trainer:
 
     _explicit: frozenset[str] = frozenset()
     _split_source: str | None = None
+    #: ``training.init`` of the weights: where fine-tuning started (None: random weights)
+    _init: dict[str, Any] | None = None
+    #: the model being trained (set before the first step)
+    model: BagNet3D | None = None
 
     def _save(self, state: dict[str, Any], best: bool) -> None:
         if not self.dist.main:
@@ -469,7 +474,8 @@ class Trainer:
                              "val": len({r.group for r in val.records})},
                 "recipe": c.recipe or "defaults (paper hyperparameters)",
                 "task": c.task,
-                "age_range": [min(ages), max(ages)] if ages else None,
+                "age_range": age_range_with(ages, self._init),
+                "init": self._init,
                 "sexes": {s: sum(r.sex == s for r in train.records) for s in ("F", "M")},
                 "loss": f"{c.age_loss_weight} * MSE(standardised age) + "
                         f"{c.sex_loss_weight} * BCE(sex logit, female)",
@@ -521,6 +527,12 @@ class Trainer:
             finished = self._finished(ckpt)
             if finished is not None:
                 return finished
+            self._init = ckpt.get("init")
+        init = None
+        if ckpt is None and c.init:  # fine-tuning: the weights' settings, before any volume
+            init = open_init(c)
+            for text in adopt(c, init, self._explicit):
+                self.reporter.message(text)
         source = self._data(ckpt)
         if ckpt is not None and ckpt.get("split_source"):
             source.split_source = str(ckpt["split_source"])
@@ -528,7 +540,12 @@ class Trainer:
         train_records = source.select("train")
         if not train_records:
             raise InputError(f"{c.data}: no image in the train split")
-        scaling = ckpt["age_scaling"] if ckpt is not None else self._age_scaling(train_records)
+        if ckpt is not None:
+            scaling = ckpt["age_scaling"]
+        elif init is not None and "age" in c.heads:  # the head's years stay the weights' years
+            scaling = init.meta.age_scaling
+        else:
+            scaling = self._age_scaling(train_records)
         train = self._labelled(train_records, scaling, "training")
         val = self._labelled(source.select("val"), scaling, "validation")
         if not train.records:
@@ -546,11 +563,19 @@ class Trainer:
             f"{counts['val']}, test {counts['test']}; split: {source.split_source}")
         self._load([train, val])
 
-        model = self._model().to(self.device)
+        model = self._model()
+        started = prepare(model, init, c)  # the weights' parameters; frozen stages (resume too)
+        if started is not None:
+            self._init = started
+            self.reporter.message(f"fine-tuning weights {started['id']} (sha256 "
+                                  f"{started['sha256'][:12]}...); frozen: "
+                                  f"{', '.join(started['frozen']) or 'nothing'}")
+        model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, eps=c.adam_eps,
-                                     weight_decay=c.weight_decay)
+        self.model = model
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                     lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay)
         scheduler = make_scheduler(optimizer, c)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
@@ -751,6 +776,7 @@ class Trainer:
             "best": best,
             "age_scaling": scaling,
             "split_source": self._split_source,
+            "init": self._init,
             "config": self.config.to_dict(),
         }
 

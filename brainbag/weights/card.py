@@ -22,6 +22,10 @@ def model_card(meta: WeightsMeta) -> str:
 
     validation = (f"best epoch {t.get('best_epoch')}, selected by {t.get('selected_by')}, "
                   f"{t.get('val_view')} view")
+    init = t.get("init") or {}
+    start = (f"fine-tuned from weights {init.get('id')} (sha256 {init.get('sha256')}); frozen: "
+             f"{', '.join(init.get('frozen') or []) or 'nothing'}" if init
+             else "random initialisation (seed " + str(t.get("seed")) + ")")
     return f"""# Model card: {meta.id}
 
 *Written by brainbag {meta.code_version}. A stub: complete the sections marked TODO.*
@@ -38,6 +42,7 @@ def model_card(meta: WeightsMeta) -> str:
 - Images: {t.get('images')}; subjects: {t.get('subjects')}
 - Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
   seed {t.get('seed')}; precision {t.get('precision')}
+- Start: {start}
 
 ## Validation ({validation})
 - Age MAE: {fig('val_mae', '.2f', ' years')}
@@ -49,6 +54,12 @@ Test-set figures: run `brainbag evaluate DATA --weights weights.safetensors --sp
 ## Intended use and limitations
 Research use only; not a medical device. TODO: populations and scanners the training data
 covers, known failure modes.
+
+## Use on your own scanner
+Predictions carry a bias that depends on the scanner, the protocol and the age range. Fit a
+site calibration on healthy controls from your scanner (`brainbag calibrate`, then
+`brainbag predict --calibration`), or fine-tune on many (`brainbag train --init`): see
+"Use on your own scanner" in the brainbag README.
 """
 
 
