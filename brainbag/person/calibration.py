@@ -198,6 +198,8 @@ class SiteCalibration:
                 "it less"]
 
     def to_dict(self) -> dict[str, Any]:
+        """The file's JSON structure (the module docstring lists it); :meth:`from_dict` reads
+        it back."""
         return {
             "format": FORMAT, "version": VERSION, "name": self.name, "created": self.created,
             "brainbag_version": self.brainbag_version,
