@@ -499,10 +499,12 @@ class Trainer:
                        best: bool, model: BagNet3D, meta: WeightsMeta | None) -> None:
         if not self.dist.main:
             return
-        self._save(state, best)
-        write_metrics(self.out / "metrics.tsv", history)
+        # the best weights before the checkpoint that counts their epoch done: a kill between
+        # the two then redoes that epoch, never resumes past it with older weights in place
         if best and meta is not None:
             self._write_weights(model, meta)
+        self._save(state, best)
+        write_metrics(self.out / "metrics.tsv", history)
 
     def _write_weights(self, model: BagNet3D, meta: WeightsMeta) -> None:
         """The predict-ready weights file and its model card."""
