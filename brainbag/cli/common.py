@@ -119,6 +119,18 @@ def _exit_on_errors() -> Iterator[None]:
         fail(BrainbagError(f"could not read or write a file: {exc}"))
 
 
+class StripOpt(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+StripOption = Annotated[
+    StripOpt,
+    typer.Option("--strip", help="Skull stripping of inputs without a mask, with deepbet: auto "
+                 "= heads (skull on) only, always = every input, never = refuse heads."),
+]
+
 ManifestOpt = Annotated[
     list[Path] | None,
     typer.Option("--manifest", help="Extra weights manifest (JSON); repeatable. Searched before "

@@ -16,6 +16,8 @@ from brainbag.cli.common import (
     Mode,
     OfflineOpt,
     PrecisionOpt,
+    StripOpt,
+    StripOption,
     _console,
     _exit_on_errors,
     _large_pages_for_torch,
@@ -40,9 +42,9 @@ class MapSpaceOpt(str, Enum):
 def predict(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz; skull-stripped unless masked), "
-                       "or one folder of them (searched recursively), one BIDS dataset, or one "
-                       "list file (.txt: one path per line)."),
+        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz; skull on or stripped), or one "
+                       "folder of them (searched recursively), one BIDS dataset, or one list "
+                       "file (.txt: one path per line)."),
     ],
     rf: Annotated[
         int | None,
@@ -61,8 +63,10 @@ def predict(
     mask: Annotated[
         Path | None,
         typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain); voxels "
-                     "outside it are set to background. Default: voxels > 0 of the image."),
+                     "outside it are set to background. Default: made by skull stripping for a "
+                     "head (see --strip), else voxels > 0 of the image."),
     ] = None,
+    strip: StripOption = StripOpt.auto,
     mode: Annotated[
         Mode, typer.Option("--mode", help="auto: what the weights were trained on (full for "
                            "whole-brain views, else sliding); sliding: windows of the training "
@@ -210,6 +214,7 @@ def predict(
         sex=sex.value if sex is not None else None,
         participants=participants,
         shard=shard,
+        strip=strip.value,
     )
     import time
 

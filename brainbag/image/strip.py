@@ -112,6 +112,16 @@ def _import_deepbet(path: Path) -> Any:
     return BrainExtraction
 
 
+def deepbet_available() -> bool:
+    """Whether deepbet is installed (found, not imported: importing it loads pandas and more)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("deepbet") is not None
+    except (ImportError, ValueError):  # a broken install, or a None entry in sys.modules
+        return False
+
+
 def deepbet_version() -> str:
     """The installed deepbet's version, or "" when it is not installed."""
     try:
