@@ -684,6 +684,10 @@ CHECKS: dict[str, Callable[[CheckContext], CheckResult]] = {
     "bias_field": check_bias_field,
 }
 CHECK_NAMES = tuple(CHECKS)
+#: the checks that need no brain mask: predict runs them before it strips a scan, so a scan they
+#: refuse (unreadable, 4D, a broken header, 5 m voxels) is refused as it was, never stripped
+BEFORE_STRIPPING = ("file", "size", "dimensions", "header", "values", "intensity", "voxel_size",
+                    "orientation")
 
 
 def run_checks(

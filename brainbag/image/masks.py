@@ -62,6 +62,15 @@ def check_strip_mode(mode: str) -> StripMode:
     return mode  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class MaskNote:
+    """What one scan's mask was, without the mask: for counting a dataset's sources."""
+
+    source: MaskSource
+    label: str  # "given", "deepbet 1.0.2" or "nonzero"
+    cached: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class BrainMaskChoice:
     """The brain mask of one scan and where it came from."""
@@ -80,6 +89,10 @@ class BrainMaskChoice:
             return f"{self.strip.method} {self.strip.version or DEEPBET_PIN}"
         return self.source
 
+    def note(self) -> MaskNote:
+        """The source and label alone (the mask is left behind)."""
+        return MaskNote(self.source, self.label, self.cached)
+
 
 def skull_on(loaded: LoadedImage) -> tuple[bool, float]:
     """Whether the scan's largest object is a head rather than a brain (the skull check's
@@ -95,19 +108,24 @@ def choose_brain_mask(
     threads: int | None = None,
     device: str = "cpu",
     cache: MaskCache | None = None,
+    head_litres: float | None = None,
 ) -> BrainMaskChoice:
     """The brain mask of ``loaded``: the given file, deepbet's (checked for plausibility: a
     one-line :class:`InputError` otherwise), or None for voxels > 0. See the module docstring.
 
     ``threads`` and ``device``: the run's budget for stripping. ``cache``: where stripped masks
-    are kept between runs (none: strip every time).
+    are kept between runs (none: strip every time). ``head_litres``: :func:`skull_on`'s measure
+    when the caller has taken it.
     """
     mode = check_strip_mode(mode)
     if mask_path is not None:
         return BrainMaskChoice("given", load_mask(mask_path, loaded), path=Path(mask_path))
     if mode == "never":
         return BrainMaskChoice("nonzero", None)
-    head, litres = skull_on(loaded)
+    if head_litres is None:
+        head, litres = skull_on(loaded)
+    else:
+        head, litres = head_litres > SKULL_OBJECT_LITRES, head_litres
     if not head and mode == "auto":
         return BrainMaskChoice("nonzero", None, head_litres=litres)
     result = cache.get(loaded) if cache is not None else None
@@ -132,23 +150,24 @@ def mask_sources(labels: Iterable[str]) -> tuple[str, dict[str, int]]:
     return "mixed: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), counts
 
 
-def describe_sources(choices: Iterable[BrainMaskChoice]) -> str:
-    """One line for a dataset: ``brain masks: 40 given, 10 stripped by deepbet 1.0.2 (10 from
-    the cache), 2 voxels > 0``."""
+def describe_sources(notes: Iterable[MaskNote]) -> str:
+    """One line for a dataset: ``brain masks: 40 given, 10 stripped (deepbet 1.0.2; 10 from the
+    cache), 2 voxels > 0``."""
     given = stripped = cached = nonzero = 0
-    version = DEEPBET_PIN
-    for c in choices:
-        if c.source == "given":
+    labels = set()
+    for n in notes:
+        if n.source == "given":
             given += 1
-        elif c.source == "stripped":
+        elif n.source == "stripped":
             stripped += 1
-            cached += c.cached
-            version = c.strip.version if c.strip is not None and c.strip.version else version
+            cached += n.cached
+            labels.add(n.label)
         else:
             nonzero += 1
-    from_cache = f" ({cached} from the cache)" if cached else ""
-    return (f"brain masks: {given} given, {stripped} stripped by {METHOD} {version}{from_cache}, "
-            f"{nonzero} voxels > 0")
+    how = ", ".join(sorted(labels)) or f"{METHOD} {DEEPBET_PIN}"
+    from_cache = f"; {cached} from the cache" if cached else ""
+    return (f"brain masks: {given} given, {stripped} stripped ({how}{from_cache}), {nonzero} "
+            "voxels > 0")
 
 
 # --- the written mask --------------------------------------------------------------------------

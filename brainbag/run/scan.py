@@ -33,7 +33,12 @@ from brainbag.errors import (
     ProcessingError,
 )
 from brainbag.files import default_mode, write_json_atomic
-from brainbag.image.checks import CheckOptions, run_checks
+from brainbag.image.checks import (
+    BEFORE_STRIPPING,
+    SKULL_OBJECT_LITRES,
+    CheckOptions,
+    run_checks,
+)
 from brainbag.image.io import (
     Image,
     LoadedImage,
@@ -50,6 +55,7 @@ from brainbag.image.masks import (
     check_strip_mode,
     choose_brain_mask,
     mask_image,
+    skull_on,
 )
 from brainbag.image.preprocess import Conformed, conform
 from brainbag.network.inference import (
@@ -294,8 +300,7 @@ class Predictor:
         mask_sha256 = sha256_file(item.mask) if item.mask is not None else None
         timings["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        brain = choose_brain_mask(loaded, item.mask, self.settings.strip, self.threads,
-                                  str(self.device))
+        brain = self._brain_mask(loaded, item.mask)
         # stripping (networks, reorientation, plausibility), else the skull check's measure
         elapsed = time.perf_counter() - t0
         if brain.strip is not None:
@@ -317,6 +322,31 @@ class Predictor:
         return Prepared(item, loaded, item.mask, mask, mask_sha256, conformed, warnings, timings,
                         checked, brain)
 
+    def _check_options(self, mask_path: Path | None, strip: str | None = None,
+                       stripped: str | None = None) -> CheckOptions:
+        s = self.settings
+        return CheckOptions(mask=mask_path, resample=s.resample, mode=s.inference.mode, n4=s.n4,
+                            voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view(),
+                            strip=strip or s.strip, stripped=stripped)
+
+    def _brain_mask(self, loaded: LoadedImage, mask_path: Path | None) -> BrainMaskChoice:
+        """The input's brain mask (:func:`choose_brain_mask`, on the run's threads and device).
+        A scan to strip first passes the checks that need no mask: one they refuse is refused
+        as before (or, with ``force``, predicted as before: unstripped, brain = voxels > 0)."""
+        s = self.settings
+        litres = None
+        if mask_path is None and s.strip != "never":
+            head, litres = skull_on(loaded)
+            if head or s.strip == "always":
+                before = run_checks(loaded.path, self._check_options(None), loaded=loaded,
+                                    names=BEFORE_STRIPPING, head_litres=litres)
+                if before.failures and not s.force:
+                    raise InputError(before.failure_message())
+                if before.failures:  # --force past them: no fix, as for any failed check
+                    return BrainMaskChoice("nonzero", None, head_litres=litres)
+        return choose_brain_mask(loaded, mask_path, s.strip, self.threads, str(self.device),
+                                 head_litres=litres)
+
     def _check_and_fix(
         self, loaded: LoadedImage, brain: BrainMaskChoice, mask_path: Path | None,
         warnings: list[str], timings: dict[str, float],
@@ -326,11 +356,11 @@ class Predictor:
         from brainbag.image.fixes import n4_correct
 
         mask = brain.mask
-        options = CheckOptions(mask=mask_path, resample=self.settings.resample,
-                               mode=self.settings.inference.mode, n4=self.settings.n4,
-                               voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view(),
-                               strip=self.settings.strip,
-                               stripped=brain.label if brain.strip is not None else None)
+        # a scan left unstripped (forced past a failed check) is judged as --strip never would
+        unstripped = brain.source == "nonzero" and brain.head_litres is not None and (
+            self.settings.strip == "always" or brain.head_litres > SKULL_OBJECT_LITRES)
+        options = self._check_options(mask_path, "never" if unstripped else None,
+                                      brain.label if brain.strip is not None else None)
         report = run_checks(loaded.path, options, loaded=loaded, mask=mask,
                             head_litres=brain.head_litres)
         if report.failures and not self.settings.force:
