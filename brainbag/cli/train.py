@@ -267,14 +267,13 @@ def evaluate(
     ] = False,
     mask_cache: Annotated[
         Path | None,
-        typer.Option("--mask-cache", help="Folder of brain masks made by skull stripping, one "
-                     "per image (e.g. a training run's brain_masks) \\[default: OUT/brain_masks]."),
+        typer.Option("--mask-cache", help="Images without a mask file are masked as predict "
+                     "masks them (a head is stripped with deepbet): the folder that keeps the "
+                     "stripped masks, one per image, e.g. a training run's brain_masks "
+                     "\\[default: OUT/brain_masks]."),
     ] = None,
 ) -> None:
-    """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot.
-
-    Images without a mask file are masked as predict masks them: a head (skull on) is stripped
-    with deepbet, any other image is brain = voxels > 0."""
+    """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.network.inference import InferenceSettings
     from brainbag.train.evaluate import EvaluateSettings, run_evaluate, table_rows
 
