@@ -57,7 +57,8 @@ def test_check_judges_for_the_default_weights_of_predict(scans) -> None:
 
 
 def test_a_failing_scan_exits_1_and_names_the_fix(scans) -> None:
-    result = runner.invoke(app, ["check", str(scans["skull"])], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["check", str(scans["skull"]), "--strip", "never"],
+                           env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "does not fit the model" in result.stdout and "SynthStrip" in result.stdout
     masked = runner.invoke(app, ["check", str(scans["skull"]), "--mask", str(scans["mask"])])
@@ -65,7 +66,7 @@ def test_a_failing_scan_exits_1_and_names_the_fix(scans) -> None:
 
 
 def test_json_report_for_a_folder(scans) -> None:
-    result = runner.invoke(app, ["check", str(scans["study"]), "--json"])
+    result = runner.invoke(app, ["check", str(scans["study"]), "--json", "--strip", "never"])
     assert result.exit_code == 1  # the skull-on scan fails
     rows = json.loads(result.stdout)
     assert all(set(r) == {"path", "name", "status", "found", "expected", "hint"} for r in rows)
@@ -76,6 +77,13 @@ def test_json_report_for_a_folder(scans) -> None:
     assert list(by_path["clean.nii.gz"]) == list(CHECK_NAMES)
     assert by_path["skull.nii.gz"]["skull_stripped"] == "fail"
     assert "fail" not in by_path["clean.nii.gz"].values()
+    # by default the head would be stripped by predict: it fits, and check says so
+    auto = runner.invoke(app, ["check", str(scans["study"]), "--json"])
+    assert auto.exit_code == 0, auto.output
+    skull = {r["name"]: r for r in json.loads(auto.stdout) if r["path"].endswith("skull.nii.gz")}
+    assert skull["skull_stripped"]["status"] == "pass"
+    assert "will be stripped" in skull["skull_stripped"]["found"]
+    assert skull["brain_mask"]["status"] == "skip"
 
 
 def test_several_inputs_and_a_missing_one(scans, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -203,7 +204,7 @@ def test_orientation_is_reported_and_extreme_obliquity_warns(tmp_path: Path) -> 
 
 def test_skull_on_phantom_fails_without_a_mask_and_passes_with_one(skull_on) -> None:
     head_path, mask_path = skull_on
-    report = _run(head_path)
+    report = _run(head_path, strip="never")  # --strip never: the refusal of old
     assert _status(report)["skull_stripped"] == "fail"
     assert "--mask" in report.get("skull_stripped").hint
     assert "SynthStrip" in report.get("skull_stripped").hint
@@ -214,6 +215,25 @@ def test_skull_on_phantom_fails_without_a_mask_and_passes_with_one(skull_on) -> 
         "skull_stripped").found
     assert status["brain_mask"] == "pass" and status["anatomy"] == "pass"
     assert masked.ok
+
+
+def test_skull_on_phantom_will_be_stripped_by_default(skull_on, monkeypatch) -> None:
+    """--strip auto (the default): check says the head will be stripped and skips the checks of
+    the mask that only predict makes; without deepbet it fails and says how to install it."""
+    head_path, _ = skull_on
+    report = _run(head_path)
+    status = _status(report)
+    assert status["skull_stripped"] == "pass" and report.ok
+    found = report.get("skull_stripped").found
+    assert found.startswith("skull on: head object") and "will be stripped (deepbet)" in found
+    for name in ("brain_mask", "anatomy", "field_of_view", "bias_field"):
+        assert status[name] == "skip"
+        assert "made by skull stripping (deepbet)" in report.get(name).found
+    monkeypatch.setitem(sys.modules, "deepbet", None)  # as if it were not installed
+    missing = _run(head_path, names=("skull_stripped",))
+    result = missing.get("skull_stripped")
+    assert result.status == "fail" and "deepbet is not installed" in result.found
+    assert "pip install deepbet==1.0.2" in result.hint and "--mask" in result.hint
 
 
 STRIPPED = ["ch2bet.nii.gz", "brainmask.mgz", "beijing_sub08251_mprage_skullstripped.nii.gz",
@@ -231,9 +251,10 @@ def test_skull_check_on_real_scans(name: str) -> None:
         assert litres < 2.2  # measured 1.54-2.06 L
         assert _status(report)["brain_mask"] == "pass"
     else:
-        assert result.status == "fail", result
+        assert result.status == "pass" and "will be stripped" in result.found, result
         assert litres > 3.0  # measured 3.25-5.00 L
-        assert not report.ok
+        never = _run(sample(name), names=("skull_stripped", "brain_mask"), strip="never")
+        assert never.get("skull_stripped").status == "fail" and not never.ok
 
 
 def test_skull_on_real_scan_with_its_mask_passes() -> None:

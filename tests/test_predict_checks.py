@@ -52,7 +52,7 @@ def skull_on(tmp_path_factory) -> Path:
 
 def test_a_failed_check_stops_the_input_and_writes_nothing(tmp_path: Path, skull_on) -> None:
     with pytest.raises(InputError) as info:
-        _predict(tmp_path, skull_on)
+        _predict(tmp_path, skull_on, strip="never")
     message = str(info.value)
     assert "\n" not in message and str(skull_on) in message
     assert "check skull_stripped: skull on" in message and "--mask" in message
@@ -61,7 +61,7 @@ def test_a_failed_check_stops_the_input_and_writes_nothing(tmp_path: Path, skull
 
 
 def test_force_predicts_and_records_the_override(tmp_path: Path, skull_on) -> None:
-    record = _predict(tmp_path, skull_on, force=True)
+    record = _predict(tmp_path, skull_on, force=True, strip="never")
     saved = _saved(tmp_path, "skull")
     for r in (record, saved):
         assert r["checks"]["forced"] is True
@@ -151,7 +151,7 @@ def test_cli_refuses_with_the_check_message_and_force_overrides(tmp_path, skull_
                                                                tiny_weights) -> None:
     out = tmp_path / "o"
     result = runner.invoke(app, ["predict", str(skull_on), "--weights", str(tiny_weights()),
-                                 "--out", str(out)])
+                                 "--out", str(out), "--strip", "never"])
     assert result.exit_code == 1
     err = result.stderr.strip()
     assert err.count("\n") == 0 and err.startswith("error:")

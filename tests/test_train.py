@@ -187,8 +187,9 @@ def test_train_writes_a_run_folder_that_predict_and_evaluate_use(tiny_data: Path
     assert metrics["images"] == 3 and metrics["age"]["n"] == 3 and metrics["sex"]["n"] == 3
     rows = (ev / "run" / "predictions.tsv").read_text().splitlines()
     assert len(rows) == 4 and all(r.split("\t")[2] == "test" for r in rows[1:])
-    assert rows[0].split("\t")[-1] == "checks"
-    assert all(r.split("\t")[-1].startswith("fail: ") for r in rows[1:])
+    assert rows[0].split("\t")[-2:] == ["checks", "brain_mask"]
+    assert all(r.split("\t")[-2].startswith("fail: ") for r in rows[1:])
+    assert all(r.split("\t")[-1] == "nonzero" for r in rows[1:])  # skull-stripped phantoms
     assert (ev / "run" / "age_scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((ev / "table.tsv").read_text().splitlines()) == 3
 

@@ -9,6 +9,8 @@ import typer
 
 from brainbag.cli.common import (
     ManifestOpt,
+    StripOpt,
+    StripOption,
     _console,
     fail,
 )
@@ -23,8 +25,10 @@ def check(
     mask: Annotated[
         Path | None,
         typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain), as for "
-                     "predict. Default: voxels > 0 of the image."),
+                     "predict. Default: voxels > 0 of the image, or the mask predict would make "
+                     "by skull stripping (not run here: those checks are skipped)."),
     ] = None,
+    strip: StripOption = StripOpt.auto,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON: a list of objects with "
                            "path, name, status, found, expected, hint.")
@@ -63,7 +67,7 @@ def check(
     except BrainbagError as exc:
         fail(exc, exc.exit_code)
     options = CheckOptions(mask=mask, n4=n4, voxel_mm=expect.voxel_mm, view_xyz=expect.view_xyz,
-                           mode="auto")
+                           mode="auto", strip=strip.value)
     console = _console()
     err = _console(stderr=True)
 

@@ -119,6 +119,18 @@ def _exit_on_errors() -> Iterator[None]:
         fail(BrainbagError(f"could not read or write a file: {exc}"))
 
 
+class StripOpt(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+StripOption = Annotated[
+    StripOpt,
+    typer.Option("--strip", help="Skull stripping of inputs without a mask, with deepbet: auto "
+                 "= heads (skull on) only, always = every input, never = refuse heads."),
+]
+
 ManifestOpt = Annotated[
     list[Path] | None,
     typer.Option("--manifest", help="Extra weights manifest (JSON); repeatable. Searched before "
@@ -151,7 +163,8 @@ WeightsOpt = Annotated[
 MaskOpt = Annotated[
     Path | None,
     typer.Option("--mask", help="Brain mask on the image grid (voxels > 0 = brain); voxels "
-                 "outside it are set to background. Default: voxels > 0 of the image."),
+                 "outside it are set to background. Default: made by skull stripping for a "
+                 "head (see --strip), else voxels > 0 of the image."),
 ]
 ModeOpt = Annotated[
     Mode, typer.Option("--mode", help="auto: what the weights were trained on (full for "

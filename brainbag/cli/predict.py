@@ -32,6 +32,8 @@ from brainbag.cli.common import (
     ThreadsOpt,
     WeightsOpt,
     WindowOpt,
+    StripOpt,
+    StripOption,
     _console,
     _exit_on_errors,
     _large_pages_for_torch,
@@ -58,9 +60,9 @@ class MapSpaceOpt(str, Enum):
 def predict(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz; skull-stripped unless masked), "
-                       "or one folder of them (searched recursively), one BIDS dataset, or one "
-                       "list file (.txt: one path per line)."),
+        typer.Argument(help="T1 image(s) (.nii, .nii.gz, .mgz; skull on or stripped), or one "
+                       "folder of them (searched recursively), one BIDS dataset, or one list "
+                       "file (.txt: one path per line)."),
     ],
     rf: RfOpt = None,
     weights: WeightsOpt = None,
@@ -68,6 +70,7 @@ def predict(
         Path, typer.Option("--out", "-o", help="Output folder.")
     ] = Path("brainbag-results"),
     mask: MaskOpt = None,
+    strip: StripOption = StripOpt.auto,
     mode: ModeOpt = Mode.auto,
     window: WindowOpt = (160, 160, 128),
     overlap: OverlapOpt = 0.25,
@@ -168,6 +171,7 @@ def predict(
         participants=participants,
         shard=shard,
         calibration=calibration,
+        strip=strip.value,
     )
     import time
 

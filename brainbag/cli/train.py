@@ -251,6 +251,9 @@ def crossval(
                       f(row["sex_accuracy"], ".1%"), f(row["baseline_accuracy"], ".1%"),
                       f(row["sex_auc"], ".3f"))
     console.print(table)
+    console.print(f"brain masks of the held-out images: {result.metrics['brain_mask']} "
+                  "(given: mask files; deepbet: stripped by brainbag; nonzero: voxels > 0)",
+                  soft_wrap=True)
     console.print(f"results in {out}/ (predictions.tsv, metrics.json, table.tsv; "
                   "fold-K/run: each fold's training run)", soft_wrap=True)
 
@@ -282,6 +285,13 @@ def evaluate(
         bool, typer.Option("--force", help="Evaluate images that fail predict's input checks "
                            "(recorded per image in checks.json and predictions.tsv).")
     ] = False,
+    mask_cache: Annotated[
+        Path | None,
+        typer.Option("--mask-cache", help="Images without a mask file are masked as predict "
+                     "masks them (a head is stripped with deepbet): the folder that keeps the "
+                     "stripped masks, one per image, e.g. a training run's brain_masks "
+                     "\\[default: OUT/brain_masks]."),
+    ] = None,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.network.inference import InferenceSettings
@@ -292,7 +302,7 @@ def evaluate(
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
                                     device=device.value, precision=precision.value),
-        plot=not no_plot, force=force,
+        plot=not no_plot, force=force, mask_cache=mask_cache,
     )
     from brainbag.run.progress import StepStatus
 
@@ -322,5 +332,7 @@ def evaluate(
                       f(row["age_bias_slope"], ".3f"), f(row["sex_accuracy"], ".1%"),
                       f(row["sex_auc"], ".3f"))
     console.print(table)
+    if results and results[0].masks:
+        console.print(results[0].masks, soft_wrap=True)
     console.print(f"results in {out}/ (<weights>/predictions.tsv, metrics.json, age_scatter.png"
                   + (", table.tsv)" if len(results) > 1 else ")"), soft_wrap=True)

@@ -44,6 +44,7 @@ from brainbag.image.statistics import (
     obliquity_degrees,
     skewness_along_world,
 )
+from brainbag.image.strip import INSTALL_HINT, deepbet_available
 
 Status = Literal["pass", "warn", "fail", "skip"]
 
@@ -110,6 +111,11 @@ class CheckOptions:
     #: the weights' voxel size (mm) and brain view (voxels at that size; None: sliding crops)
     voxel_mm: float = 1.0
     view_xyz: tuple[int, int, int] | None = None
+    #: --strip: "auto" strips a head without a mask when predicting, "always" every scan
+    #: without a mask, "never" none (a head then fails the skull check)
+    strip: str = "auto"
+    #: set by predict when the mask it passes was made by skull stripping: "deepbet 1.0.2"
+    stripped: str | None = None
 
 
 @dataclass
@@ -169,9 +175,9 @@ class Skip(Exception):
 @dataclass(frozen=True)
 class BrainMask:
     mask: np.ndarray
-    source: str  # "--mask FILE" or "voxels > 0"
+    source: str  # "--mask FILE", "deepbet 1.0.2 (skull stripping)" or "voxels > 0"
     litres: float
-    from_file: bool
+    from_file: bool  # a real mask (a file, or made by skull stripping), not voxels > 0
 
 
 class CheckContext:
@@ -181,13 +187,13 @@ class CheckContext:
     """
 
     def __init__(self, path: Path, options: CheckOptions, loaded: LoadedImage | None = None,
-                 mask: np.ndarray | None = None) -> None:
+                 mask: np.ndarray | None = None, head_litres: float | None = None) -> None:
         self.path = Path(path)
         self.options = options
         self._loaded = loaded
         self._mask = mask
         self._errors: dict[str, str] = {}
-        self._values: dict[str, Any] = {}
+        self._values: dict[str, Any] = {} if head_litres is None else {"head": head_litres}
         self.n4: Any = None
 
     def _cached(self, key: str, compute: Callable[[], Any], skip: str) -> Any:
@@ -228,8 +234,25 @@ class CheckContext:
         shape = img.shape
         return (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) and min(shape[:3]) >= 2
 
+    @property
+    def has_mask(self) -> bool:
+        """A mask was given (a file, or predict's array)."""
+        return self._mask is not None or self.options.mask is not None
+
+    def will_strip(self) -> bool:
+        """No mask yet, and predict would make one by skull stripping (a head, or --strip
+        always; never with --strip never): the decision of
+        :func:`brainbag.image.masks.choose_brain_mask`."""
+        if self.has_mask or self.options.strip == "never":
+            return False
+        return self.options.strip == "always" or self.head_litres() > SKULL_OBJECT_LITRES
+
     def brain(self) -> BrainMask:
-        """The brain mask the model will use: ``--mask`` or voxels > 0."""
+        """The brain mask the model will use: ``--mask``, predict's stripped mask, or voxels > 0;
+        :class:`Skip` when predict would strip the scan first (the networks do not run here)."""
+        if "brain" not in self._values and "brain" not in self._errors and self.will_strip():
+            raise Skip("the brain mask will be made by skull stripping (deepbet) when "
+                       "predicting")
         return self._cached("brain", self._brain, "no brain mask")  # type: ignore[no-any-return]
 
     def _brain(self) -> BrainMask:
@@ -243,7 +266,9 @@ class CheckContext:
                 assert self.options.mask is not None
                 mask = load_mask(self.options.mask, loaded)
             mask = np.asarray(mask, dtype=bool)
-            source = f"--mask {self.options.mask.name}" if self.options.mask else "--mask"
+            source = (f"--mask {self.options.mask.name}" if self.options.mask else
+                      f"{self.options.stripped} (skull stripping)" if self.options.stripped
+                      else "--mask")
             return BrainMask(mask, source, float(mask.sum()) * voxel_l, True)
         data = loaded.image.data
         mask = np.isfinite(data) & (data > 0)
@@ -483,11 +508,26 @@ def check_skull(ctx: CheckContext) -> CheckResult:
     litres = ctx.head_litres()
     expected = (f"skull-stripped (largest object <= {SKULL_OBJECT_LITRES:g} L, a brain), "
                 "or --mask")
-    values = {"object_litres": litres}
+    values: dict[str, Any] = {"object_litres": litres}
     skull_on = litres > SKULL_OBJECT_LITRES
     found = (f"skull on: head object {_litres(litres)}" if skull_on
              else f"skull-stripped: brain object {_litres(litres)}")
-    if skull_on and ctx.options.mask is None and ctx._mask is None:
+    stripped = ctx.options.stripped
+    if stripped is not None:  # predict made the mask by skull stripping
+        values["stripped"] = stripped
+        how = "" if skull_on else " (--strip always)"
+        return CheckResult("skull_stripped", "pass", f"{found}; stripped ({stripped}){how}",
+                           expected, values=values)
+    if ctx.will_strip():
+        why = "" if skull_on else " (--strip always)"
+        if not deepbet_available():
+            return CheckResult("skull_stripped", "fail", f"{found}; needs skull stripping{why}, "
+                               "but deepbet is not installed", expected,
+                               f"{INSTALL_HINT}, or pass --mask brain_mask.nii.gz", values)
+        values["will_strip"] = True
+        return CheckResult("skull_stripped", "pass", f"{found}; will be stripped (deepbet) "
+                           f"when predicting{why}", expected, values=values)
+    if skull_on and not ctx.has_mask:
         return CheckResult("skull_stripped", "fail", found, expected,
                            f"strip the skull first ({STRIPPING_TOOLS}) or pass --mask "
                            "brain_mask.nii.gz", values)
@@ -644,22 +684,29 @@ CHECKS: dict[str, Callable[[CheckContext], CheckResult]] = {
     "bias_field": check_bias_field,
 }
 CHECK_NAMES = tuple(CHECKS)
+#: the checks that need no brain mask: predict runs them before it strips a scan, so a scan they
+#: refuse (unreadable, 4D, a broken header, 5 m voxels) is refused as it was, never stripped
+BEFORE_STRIPPING = ("file", "size", "dimensions", "header", "values", "intensity", "voxel_size",
+                    "orientation")
 
 
 def run_checks(
     path: Path, options: CheckOptions | None = None, loaded: LoadedImage | None = None,
     mask: np.ndarray | None = None, names: Sequence[str] | None = None,
+    head_litres: float | None = None,
 ) -> CheckReport:
     """Run every check (or those in ``names``) on one input, in order, whatever their outcome;
     a check that cannot run is reported as ``skip``.
 
-    ``loaded`` and ``mask`` are used instead of reading the files again (``predict`` has them).
+    ``loaded`` and ``mask`` are used instead of reading the files again (``predict`` has them),
+    and ``head_litres`` (:func:`brainbag.image.statistics.head_object_litres`) instead of
+    measuring the head again.
     """
     unknown = set(names or ()) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; known: {', '.join(CHECKS)}")
     t0 = time.perf_counter()
-    ctx = CheckContext(Path(path), options or CheckOptions(), loaded, mask)
+    ctx = CheckContext(Path(path), options or CheckOptions(), loaded, mask, head_litres)
     results: list[CheckResult] = []
     for name, check in CHECKS.items():
         if names is not None and name not in names:

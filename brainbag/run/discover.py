@@ -47,6 +47,7 @@ OUTPUT_NAMES = {
     "prediction": ("prediction.json", "prediction.json"),
     "png": ("age_map.png", "desc-age_map.png"),
     "conformed": ("conformed.nii.gz", "desc-conformed_T1w.nii.gz"),
+    "brain_mask": ("brain_mask.nii.gz", "desc-brain_mask.nii.gz"),
 }
 
 

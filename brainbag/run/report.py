@@ -1,12 +1,14 @@
 """Pictures for quick review: one PNG per input and an ``index.html`` for the output folder.
 
 The PNG shows three orthogonal slices through the centre of the brain (sagittal, coronal, axial)
-of the *input* image, with the local age map drawn on top. Slices are taken from the input
-reoriented to closest RAS+ by axis permutation and flips only (no interpolation of the input), and
-the map is resampled onto exactly those slice voxels with the map's own index transform, so every
-coloured pixel sits on the input voxel it describes. Panels are drawn in millimetres (anisotropic
-voxels keep their true aspect), in neurological convention (the subject's left on the left in
-coronal and axial views), with the anatomical directions written at the edges.
+of the *input* image, with the local age map drawn on top and, when brainbag made the brain mask
+by skull stripping, the mask's outline, so that a reviewer sees a bad mask at a glance. Slices
+are taken from the input reoriented to closest RAS+ by axis permutation and flips only (no
+interpolation of the input), and the map is resampled onto exactly those slice voxels with the
+map's own index transform, so every coloured pixel sits on the input voxel it describes. Panels
+are drawn in millimetres (anisotropic voxels keep their true aspect), in neurological convention
+(the subject's left on the left in coronal and axial views), with the anatomical directions
+written at the edges.
 
 matplotlib is imported only inside :func:`save_overlay_png`, through its object-oriented API and
 the Agg canvas (no pyplot, no display, safe in worker threads).
@@ -37,6 +39,7 @@ from brainbag.run.outputs import warning_list
 FIGSIZE_IN = (12.0, 4.6)
 DPI = 100
 MAX_PNG_NOTES = 4  # warnings drawn on a PNG; the rest are counted
+OUTLINE_COLOUR = "#00e5ff"  # the brain mask's outline (cyan: apart from the turbo age colours)
 #: Pixel size (width, height) of every PNG brainbag writes.
 PNG_SIZE = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))
 VIEWS = (
@@ -63,6 +66,7 @@ class SliceView:
     extent: tuple[float, float, float, float]
     letters: tuple[str, str, str, str]
     to_input: np.ndarray
+    outline: np.ndarray | None = None  # the brain mask on the same pixels, to draw its outline
 
 
 def overlay_views(
@@ -70,11 +74,13 @@ def overlay_views(
     brain: np.ndarray,
     values: np.ndarray,
     map_to_input: np.ndarray,
+    outline: bool = False,
 ) -> list[SliceView]:
     """Sagittal, coronal and axial slices through the brain's centre with the map on them.
 
     ``brain`` is the brain mask on the input grid, ``values`` the map (NaN outside the brain) and
-    ``map_to_input`` the index transform from map voxels to input voxels.
+    ``map_to_input`` the index transform from map voxels to input voxels. ``outline``: each view
+    also carries the mask's slice, for :func:`save_overlay_png` to draw its outline.
     """
     ornt, ras_to_input = ras_transform(loaded.image.affine, loaded.shape)
     data = reorient(loaded.image.data, ornt)
@@ -111,6 +117,7 @@ def overlay_views(
                     v0 * zooms[v], (v0 + slab_shape[v]) * zooms[v]),
             letters=letters,
             to_input=to_input,
+            outline=np.squeeze(mask[tuple(index)], axis=axis) if outline else None,
         ))
     return views
 
@@ -141,11 +148,14 @@ def save_overlay_png(
     warning: str | None = None,
     label: str = "local predicted age (years)",
     notes: Sequence[str] = (),
+    outline_label: str | None = None,
 ) -> None:
     """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``.
 
     ``warning`` is drawn in red under the title (untrained weights); ``notes`` (the input's check
-    and other warnings, shortened by :func:`short_warning`) in yellow at the bottom left.
+    and other warnings, shortened by :func:`short_warning`) in yellow at the bottom left. Views
+    with an ``outline`` get the brain mask's outline in :data:`OUTLINE_COLOUR`, named by
+    ``outline_label`` above the panels, on the right.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -164,6 +174,10 @@ def save_overlay_png(
         shown = ax.imshow(np.ma.masked_invalid(view.overlay.T), cmap="turbo", alpha=0.55,
                           origin="lower", extent=view.extent, vmin=value_range[0],
                           vmax=value_range[1], interpolation="nearest")
+        if view.outline is not None and view.outline.any() and not view.outline.all():
+            # origin and extent as imshow's: the line runs between brain and non-brain pixels
+            ax.contour(view.outline.T.astype(np.float32), levels=[0.5], colors=OUTLINE_COLOUR,
+                       linewidths=1.0, origin="lower", extent=view.extent)
         ax.set_aspect("equal")
         ax.set_axis_off()
         x0, x1, y0, y1 = view.extent
@@ -194,6 +208,9 @@ def save_overlay_png(
         fig.text(0.012, 0.03 + i * 0.045, f"warning: {note}", ha="left", va="bottom",
                  color="#ffcc66", fontsize=8.5,
                  bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
+    if outline_label and any(view.outline is not None for view in views):
+        fig.text(0.92, 0.815, outline_label, ha="right", va="bottom", color=OUTLINE_COLOUR,
+                 fontsize=8.5)
     path = Path(path)
     with open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=DPI, facecolor="black")

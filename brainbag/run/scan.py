@@ -1,12 +1,14 @@
-"""One scan through the model: load, check, fix, conform, infer, write.
+"""One scan through the model: load, strip, check, fix, conform, infer, write.
 
-:class:`Predictor` runs two stages per input: *prepare* (read the file, read its mask, run the
-checks of :mod:`brainbag.image.checks` (a failed check stops the input unless ``force``), apply
-the requested fixes (N4), conform: mask, RAS+, 1 mm, whitening), which is thread-safe and runs ahead
+:class:`Predictor` runs two stages per input: *prepare* (read the file, read its mask or make one
+by skull stripping (:func:`brainbag.image.masks.choose_brain_mask`), run the checks of
+:mod:`brainbag.image.checks` (a failed check stops the input unless ``force``), apply the
+requested fixes (N4), conform: mask, RAS+, 1 mm, whitening), which is thread-safe and runs ahead
 of time in worker threads during a batch, and *infer + write* (run the network over the full
 volume or sliding windows, turn the head outputs into years and P(female), and write the input's
-outputs: ``prediction.json``, ``age_map.nii.gz``, ``sex_map.nii.gz`` and optionally
-``conformed.nii.gz`` and ``age_map.png``, staged in a hidden folder and renamed into place).
+outputs: ``prediction.json``, ``age_map.nii.gz``, ``sex_map.nii.gz``, ``brain_mask.nii.gz`` when
+the scan was stripped, and optionally ``conformed.nii.gz`` and ``age_map.png``, staged in a hidden
+folder and renamed into place).
 The batch around it is :mod:`brainbag.run.predict`.
 """
 
@@ -31,7 +33,12 @@ from brainbag.errors import (
     ProcessingError,
 )
 from brainbag.files import default_mode, write_json_atomic
-from brainbag.image.checks import CheckOptions, run_checks
+from brainbag.image.checks import (
+    BEFORE_STRIPPING,
+    SKULL_OBJECT_LITRES,
+    CheckOptions,
+    run_checks,
+)
 from brainbag.image.io import (
     Image,
     LoadedImage,
@@ -42,7 +49,15 @@ from brainbag.image.io import (
     resample_masked,
     sha256_file,
 )
-from brainbag.image.preprocess import Conformed, conform, load_mask
+from brainbag.image.masks import (
+    SOURCE_TEXT,
+    BrainMaskChoice,
+    check_strip_mode,
+    choose_brain_mask,
+    mask_image,
+    skull_on,
+)
+from brainbag.image.preprocess import Conformed, conform
 from brainbag.network.inference import (
     InferenceSettings,
     MapResult,
@@ -104,6 +119,7 @@ class PredictSettings:
     shard: str | None = None  # --shard K/N or auto: this process runs shard K of N
     #: --calibration: a site calibration (``brainbag calibrate``) read in place of the weights'
     calibration: Path | None = None
+    strip: str = "auto"  # --strip: skull stripping of inputs without a mask (auto, always, never)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (written to every ``prediction.json``)."""
@@ -237,6 +253,7 @@ class Prepared:
     warnings: list[str]
     timings: dict[str, float]
     checked: dict[str, Any] = field(default_factory=dict)  # checks run and fixes applied
+    brain: BrainMaskChoice | None = None  # where ``mask`` came from (given, stripped, voxels > 0)
 
 
 @dataclass
@@ -264,6 +281,7 @@ class Predictor:
         """``weights`` overrides ``settings.weights`` with an already loaded model."""
         self.settings = settings
         settings.inference.validate()
+        check_strip_mode(settings.strip)
         self.device = resolve_device(settings.inference.device)
         self.threads = resolve_threads(settings.inference.threads)
         self.precision, self.precision_warning = resolve_precision(
@@ -306,7 +324,8 @@ class Predictor:
         return self.write(prepared, self.infer(prepared))
 
     def prepare(self, item: ScanInput) -> Prepared:
-        """Read the input and its mask and conform it. Thread-safe: touches no shared state."""
+        """Read the input and its mask (or strip it: :func:`choose_brain_mask`) and conform it.
+        Thread-safe: touches no shared state (stripping takes deepbet's own lock)."""
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if item.mask_error is not None:
@@ -314,11 +333,19 @@ class Predictor:
 
         t0 = time.perf_counter()
         loaded = load_image(item.path)
-        mask = load_mask(item.mask, loaded) if item.mask is not None else None
         mask_sha256 = sha256_file(item.mask) if item.mask is not None else None
         timings["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        brain = self._brain_mask(loaded, item.mask)
+        # stripping (networks, reorientation, plausibility), else the skull check's measure
+        elapsed = time.perf_counter() - t0
+        if brain.strip is not None:
+            timings["strip"] = elapsed
+        else:
+            timings["load"] += elapsed
+        mask = brain.mask
 
-        fixed, checked = self._check_and_fix(loaded, mask, item.mask, warnings, timings)
+        fixed, checked = self._check_and_fix(loaded, brain, item.mask, warnings, timings)
 
         t0 = time.perf_counter()
         conformed = conform(fixed, mask, allow_resample=self.settings.resample,
@@ -329,20 +356,49 @@ class Predictor:
         timings["preprocess"] = time.perf_counter() - t0
         # the PNG shows the input as stored (before N4): ``loaded`` is kept, not ``fixed``
         return Prepared(item, loaded, item.mask, mask, mask_sha256, conformed, warnings, timings,
-                        checked)
+                        checked, brain)
+
+    def _check_options(self, mask_path: Path | None, strip: str | None = None,
+                       stripped: str | None = None) -> CheckOptions:
+        s = self.settings
+        return CheckOptions(mask=mask_path, resample=s.resample, mode=s.inference.mode, n4=s.n4,
+                            voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view(),
+                            strip=strip or s.strip, stripped=stripped)
+
+    def _brain_mask(self, loaded: LoadedImage, mask_path: Path | None) -> BrainMaskChoice:
+        """The input's brain mask (:func:`choose_brain_mask`, on the run's threads and device).
+        A scan to strip first passes the checks that need no mask: one they refuse is refused
+        as before (or, with ``force``, predicted as before: unstripped, brain = voxels > 0)."""
+        s = self.settings
+        litres = None
+        if mask_path is None and s.strip != "never":
+            head, litres = skull_on(loaded)
+            if head or s.strip == "always":
+                before = run_checks(loaded.path, self._check_options(None), loaded=loaded,
+                                    names=BEFORE_STRIPPING, head_litres=litres)
+                if before.failures and not s.force:
+                    raise InputError(before.failure_message())
+                if before.failures:  # --force past them: no fix, as for any failed check
+                    return BrainMaskChoice("nonzero", None, head_litres=litres)
+        return choose_brain_mask(loaded, mask_path, s.strip, self.threads, str(self.device),
+                                 head_litres=litres)
 
     def _check_and_fix(
-        self, loaded: LoadedImage, mask: np.ndarray | None, mask_path: Path | None,
+        self, loaded: LoadedImage, brain: BrainMaskChoice, mask_path: Path | None,
         warnings: list[str], timings: dict[str, float],
     ) -> tuple[LoadedImage, dict[str, Any]]:
         """Run the checks on the loaded input: refuse on a failure (unless ``force``), record
         warnings, apply N4 (``n4``). Returns the image to conform and the record of both."""
         from brainbag.image.fixes import n4_correct
 
-        options = CheckOptions(mask=mask_path, resample=self.settings.resample,
-                               mode=self.settings.inference.mode, n4=self.settings.n4,
-                               voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view())
-        report = run_checks(loaded.path, options, loaded=loaded, mask=mask)
+        mask = brain.mask
+        # a scan left unstripped (forced past a failed check) is judged as --strip never would
+        unstripped = brain.source == "nonzero" and brain.head_litres is not None and (
+            self.settings.strip == "always" or brain.head_litres > SKULL_OBJECT_LITRES)
+        options = self._check_options(mask_path, "never" if unstripped else None,
+                                      brain.label if brain.strip is not None else None)
+        report = run_checks(loaded.path, options, loaded=loaded, mask=mask,
+                            head_litres=brain.head_litres)
         if report.failures and not self.settings.force:
             raise InputError(report.failure_message())
         warnings += [f"--force: predicting although check {r.message()}" for r in report.failures]
@@ -353,8 +409,8 @@ class Predictor:
         if self.settings.n4:
             n4 = report.n4
             if n4 is None:  # the bias check could not run (no usable brain mask)
-                brain = mask if mask is not None else loaded.image.data > 0
-                n4 = n4_correct(loaded.image.data, brain, loaded.zooms)
+                inside = mask if mask is not None else loaded.image.data > 0
+                n4 = n4_correct(loaded.image.data, inside, loaded.zooms)
             else:
                 checks_seconds -= n4.seconds
             loaded = replace(loaded, image=Image(n4.data, loaded.image.affine))
@@ -429,7 +485,7 @@ class Predictor:
         t_write = time.perf_counter()
         item, loaded, conformed = prepared.item, prepared.loaded, prepared.conformed
         result, heads, weights = inferred.result, inferred.heads, inferred.weights
-        mask_path, input_mask = prepared.mask_path, prepared.mask
+        mask_path, input_mask, brain = prepared.mask_path, prepared.mask, prepared.brain
         location = item.location
         out_root = self.settings.out
         map_to_conformed = map_transform(result.stride, result.start, result.offset)
@@ -490,8 +546,11 @@ class Predictor:
             "mask": {
                 "path": str(Path(mask_path).resolve()) if mask_path else None,
                 "sha256": prepared.mask_sha256,
-                "source": "file" if mask_path else "voxels > 0 (input assumed skull-stripped)",
+                "source": SOURCE_TEXT[brain.source] if brain is not None else
+                ("file" if mask_path else SOURCE_TEXT["nonzero"]),
             },
+            # skull stripping, recorded like any fix (null: the scan was not stripped)
+            "strip": brain.strip.to_record() if brain is not None and brain.strip else None,
             "conformed": {
                 "shape": list(conformed.image.shape),
                 "voxel_mm": [round(z, 6) for z in conformed.image.zooms],
@@ -553,6 +612,11 @@ class Predictor:
                 img = make_nifti(values, affine, loaded.xform_code, cal, description)
                 save_nifti_atomic(img, stage / location.name(name))
                 record["outputs"][name] = location.name(name)
+            if brain is not None and brain.strip is not None:  # review it over the scan
+                save_nifti_atomic(mask_image(brain.strip.mask, loaded,
+                                             f"brainbag brain mask ({brain.label})"),
+                                  stage / location.name("brain_mask"))
+                record["outputs"]["brain_mask"] = location.name("brain_mask")
             if self.settings.save_conformed:
                 img = make_nifti(conformed.image.data, conformed.image.affine, loaded.xform_code,
                                  description="brainbag conformed input (whitened)")
@@ -589,13 +653,20 @@ class Predictor:
     ) -> None:
         from brainbag.run.report import overlay_views, png_title, save_overlay_png
 
-        views = overlay_views(prepared.loaded, brain_in_input, values, map_to_input)
+        brain = prepared.brain
+        stripped = brain is not None and brain.strip is not None
+        views = overlay_views(prepared.loaded, brain_in_input, values, map_to_input,
+                              outline=stripped)
         title, subtitle = png_title(record)
         untrained = not record["weights"]["trained"]
         warning = "UNTRAINED weights (random initialisation): these numbers mean nothing" \
             if untrained else None
         notes = [w for w in record["warnings"] if "UNTRAINED" not in w]
-        save_overlay_png(path, views, title, subtitle, value_range, warning, label, notes)
+        outline_label = (f"line: brain mask by skull stripping ({brain.label}), "
+                         f"{record['outputs']['brain_mask']}" if stripped and brain is not None
+                         else None)
+        save_overlay_png(path, views, title, subtitle, value_range, warning, label, notes,
+                         outline_label)
 
 
 def _resample_fix(loaded: LoadedImage, conformed: Conformed) -> dict[str, Any]:
@@ -626,7 +697,7 @@ def _publish_files(stage: Path, final: Path, location: OutputLocation) -> None:
     remove this input's brainbag files of an earlier run that this run did not write."""
     prediction = location.name("prediction")
     written = {p.name for p in stage.iterdir()}
-    for kind in ("age_map", "sex_map", "png", "conformed"):
+    for kind in ("age_map", "sex_map", "png", "conformed", "brain_mask"):
         name = location.name(kind)
         if name not in written:
             (final / name).unlink(missing_ok=True)

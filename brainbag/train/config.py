@@ -81,6 +81,8 @@ class TrainConfig:
     cache_device: str = "auto"
     cache_dtype: str = "float32"
     workers: int = 4
+    # stripped brain masks of heads without a mask, one per image sha256 ("" = <out>/brain_masks)
+    mask_cache: str = ""
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for values no run can use."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from brainbag.errors import InputError, UsageError
 from brainbag.files import write_json_atomic, write_text_atomic
+from brainbag.image.masks import mask_sources
 from brainbag.network.inference import InferenceSettings
 from brainbag.person.clinical import fit_calibration
 from brainbag.person.tables import bare, read_table
@@ -163,6 +164,7 @@ def run_crossval(
         raise UsageError(f"{folds_path}: cross-validation needs at least 2 folds")
     run_train = train or (lambda c, resume: run_training(c, None, resume))
     out.mkdir(parents=True, exist_ok=True)
+    masks = Path(config.mask_cache) if config.mask_cache else out / "brain_masks"
     all_rows: list[dict[str, Any]] = []
     baseline: list[dict[str, Any]] = []
     per_fold: list[dict[str, Any]] = []
@@ -177,14 +179,17 @@ def run_crossval(
             f"{pid}\t{'val' if f == fold else 'train'}" for pid, f in sorted(folds.items())]
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(split, "\n".join(lines) + "\n")
+        # every fold and its evaluation share one cache: each head is stripped once
         fold_config = dataclasses.replace(config, data=str(data), out=str(folder / "run"),
-                                          split=str(split), best_metric="last")
+                                          split=str(split), best_metric="last",
+                                          mask_cache=str(masks))
         run_train(fold_config, (folder / "run" / "last.ckpt").exists())
         weights = folder / "run" / "weights.safetensors"
         results = run_evaluate(EvaluateSettings(
             data=data, weights=(weights,), split="val", split_file=split,
             out=folder / "eval", inference=inference or InferenceSettings(),
-            plot=False, force=True))  # the data trained on: checks recorded, never refused
+            plot=False, force=True,  # the data trained on: checks recorded, never refused
+            mask_cache=masks))
         rows = [{**r, "fold": fold, "source": image_source(Path(r["t1w"]), root)}
                 for r in results[0].rows]
         train_records = [r for r in source.records if folds.get(r.group) != fold]
@@ -198,6 +203,7 @@ def run_crossval(
         all_rows += rows
         baseline += base
     sources = sorted({r["source"] for r in all_rows})
+    mask_label, mask_counts = mask_sources(str(r.get("brain_mask")) for r in all_rows)
     metrics: dict[str, Any] = {
         "data": str(data),
         "folds_file": str(folds_path),
@@ -206,6 +212,9 @@ def run_crossval(
         "subjects": len({r["participant_id"] for r in all_rows}),
         "baseline": "predict the training folds' mean age and female fraction (AUC 0.5)",
         "config": config.to_dict(),
+        # the brain masks of the held-out images (each fold trained on the same kind)
+        "brain_mask": mask_label,
+        "brain_mask_counts": mask_counts,
         "overall": summarise(all_rows, baseline),
         "by_source": {s: summarise([r for r in all_rows if r["source"] == s],
                                    [r for r in baseline if r["source"] == s]) for s in sources},
@@ -219,7 +228,8 @@ def run_crossval(
     except ValueError as exc:
         metrics["calibration"] = None
         metrics["calibration_note"] = str(exc)
-    write_text_atomic(out / "predictions.tsv", predictions_tsv(all_rows, ("fold", "source")))
+    write_text_atomic(out / "predictions.tsv",
+                      predictions_tsv(all_rows, ("fold", "source", "brain_mask")))
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "table.tsv", crossval_table(metrics))
     write_text_atomic(out / "learning_curve.tsv", learning_curve_tsv(per_fold, metrics))

@@ -2,6 +2,11 @@
 
 Layouts ``DATA`` may have:
 
+Brain masks: an image's mask file is used when it has one; without one, a head (skull on) is
+skull-stripped with deepbet and any other image is taken as skull-stripped (brain = voxels > 0),
+decided exactly as ``predict`` decides (:func:`brainbag.image.masks.choose_brain_mask`); stripped
+masks are kept in a :class:`~brainbag.image.masks.MaskCache` so each scan is stripped once.
+
 * **participants table**: a ``.tsv`` (or ``.csv``) file with one row per image and the columns
   ``participant_id``, ``age``, ``sex``, ``t1w`` and optionally ``mask`` and ``split``; image paths
   are relative to the table's folder (``../shared/data/ixi/participants.tsv`` is one).
@@ -38,6 +43,8 @@ from brainbag.person.tables import ID_COLUMNS, MISSING, bare, column, labels, re
 from brainbag.run.discover import discover_bids, read_description
 
 if TYPE_CHECKING:
+    from brainbag.image.io import LoadedImage
+    from brainbag.image.masks import BrainMaskChoice, MaskCache, MaskNote
     from brainbag.image.preprocess import Conformed
 
 SPLITS = ("train", "val", "test")
@@ -385,6 +392,7 @@ class Volume:
     background: float
     mask: Any = None  # torch.Tensor (X, Y, Z) bool, the brain mask on ``data``'s box
     brain: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None  # mask bbox [lo, hi)
+    mask_note: MaskNote | None = None  # where the brain mask came from (given, stripped, > 0)
 
     def crop(self, start: Sequence[int], size: Sequence[int]) -> Any:
         """The ``size`` view of the full conformed array starting at ``start`` (may be negative
@@ -422,21 +430,41 @@ class Volume:
         return int(self.data.numel() * self.data.element_size())
 
 
-def conform_record(record: ImageRecord, spacing: float = 1.0) -> Conformed:
-    """Read one image (and its mask) and conform it with the code ``predict`` uses."""
+def record_mask(record: ImageRecord, cache: MaskCache | None = None, device: str = "cpu",
+                loaded: LoadedImage | None = None) -> tuple[LoadedImage, BrainMaskChoice]:
+    """One image read (unless ``loaded`` is given) and its brain mask, chosen as ``predict``
+    chooses it (given file, deepbet for a head, else voxels > 0); stripped masks go through
+    ``cache``. Returns ``(LoadedImage, BrainMaskChoice)``."""
     from brainbag.image.io import load_image
-    from brainbag.image.preprocess import conform, load_mask
+    from brainbag.image.masks import choose_brain_mask
 
-    loaded = load_image(record.t1w)
-    mask = load_mask(record.mask, loaded) if record.mask is not None else None
-    return conform(loaded, mask, spacing=spacing)
+    loaded = loaded if loaded is not None else load_image(record.t1w)
+    return loaded, choose_brain_mask(loaded, record.mask, "auto", device=device, cache=cache)
 
 
-def load_volume(record: ImageRecord, dtype: Any = None, spacing: float = 1.0) -> Volume:
-    """Read, conform (the same code ``predict`` uses, at ``spacing`` mm) and trim one image."""
+def prepare_record(record: ImageRecord, spacing: float = 1.0, cache: MaskCache | None = None,
+                   device: str = "cpu") -> tuple[Conformed, MaskNote]:
+    """Read one image, choose its brain mask (:func:`record_mask`) and conform it with the code
+    ``predict`` uses; returns the conformed image and where its mask came from."""
+    from brainbag.image.preprocess import conform
+
+    loaded, choice = record_mask(record, cache, device)
+    return conform(loaded, choice.mask, spacing=spacing), choice.note()
+
+
+def conform_record(record: ImageRecord, spacing: float = 1.0, cache: MaskCache | None = None,
+                   device: str = "cpu") -> Conformed:
+    """Read one image, choose its mask and conform it with the code ``predict`` uses."""
+    return prepare_record(record, spacing, cache, device)[0]
+
+
+def load_volume(record: ImageRecord, dtype: Any = None, spacing: float = 1.0,
+                cache: MaskCache | None = None, device: str = "cpu") -> Volume:
+    """Read, mask (as ``predict`` does, stripped masks through ``cache``), conform (at
+    ``spacing`` mm) and trim one image."""
     import torch
 
-    conformed = conform_record(record, spacing)
+    conformed, note = prepare_record(record, spacing, cache, device)
     data = conformed.image.data
     background = float(np.float32(conformed.background))
     bounds = bounding_box((data != np.float32(background)) | conformed.mask)
@@ -451,19 +479,22 @@ def load_volume(record: ImageRecord, dtype: Any = None, spacing: float = 1.0) ->
     brain_box = None if brain is None else (
         tuple(int(v) for v in brain[0]), tuple(int(v) for v in brain[1]))
     return Volume(tensor, (int(lo[0]), int(lo[1]), int(lo[2])), conformed.image.shape, background,
-                  mask, brain_box)  # type: ignore[arg-type]
+                  mask, brain_box, note)  # type: ignore[arg-type]
 
 
 def load_volumes(
     records: Sequence[ImageRecord], workers: int = 4, dtype: Any = None,
-    on_loaded: Any = None, spacing: float = 1.0,
+    on_loaded: Any = None, spacing: float = 1.0, cache: MaskCache | None = None,
+    device: str = "cpu",
 ) -> list[Volume]:
-    """Load and conform every record, ``workers`` at a time (decompression releases the GIL).
+    """Load, mask and conform every record, ``workers`` at a time (decompression releases the
+    GIL; stripping takes deepbet's lock, one scan at a time). Stripped masks go through
+    ``cache``, stripping runs on ``device``.
 
     ``on_loaded(i, record)`` is called after each volume, in completion order.
     """
     def one(i: int) -> Volume:
-        volume = load_volume(records[i], dtype, spacing)
+        volume = load_volume(records[i], dtype, spacing, cache, device)
         if on_loaded is not None:
             on_loaded(i, records[i])
         return volume

@@ -2,7 +2,9 @@
 
 Every image goes through exactly what ``brainbag predict`` does (load, conform, full-volume or
 sliding-window inference, global prediction = mean of the local map), so the figures are the
-ones a user of ``predict`` gets. Per weights file the output folder gets ``predictions.tsv``
+ones a user of ``predict`` gets, on the brain masks ``predict`` would use (an image's mask file,
+else deepbet's for a head, else voxels > 0; stripped masks are kept in ``OUT/brain_masks`` or
+``mask_cache``). Per weights file the output folder gets ``predictions.tsv``
 (one row per image), ``metrics.json`` and ``age_scatter.png``; with several weights files a
 ``table.tsv`` shaped like the paper's Table 1 (one row per weights file) is written and printed.
 
@@ -29,8 +31,16 @@ import numpy as np
 from brainbag.errors import InputError, UsageError
 from brainbag.files import write_json_atomic, write_text_atomic
 from brainbag.image.checks import CheckReport
+from brainbag.image.masks import MaskCache, MaskNote, describe_sources, mask_sources
 from brainbag.network.inference import InferenceSettings
-from brainbag.train.datasets import DataSource, ImageRecord, apply_split, conform_record, discover
+from brainbag.train.datasets import (
+    DataSource,
+    ImageRecord,
+    apply_split,
+    conform_record,
+    discover,
+    record_mask,
+)
 
 PREDICTION_COLUMNS = ("participant_id", "session", "split", "t1w", "age", "predicted_age",
                       "age_error", "sex", "p_female", "predicted_sex", "map_spread")
@@ -54,6 +64,12 @@ class EvaluateSettings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     plot: bool = True
     force: bool = False  # evaluate images that fail predict's input checks (recorded per image)
+    mask_cache: Path | None = None  # stripped brain masks; None = OUT/brain_masks
+
+    def cache(self) -> MaskCache:
+        """Where stripped masks are kept (and found again)."""
+        return MaskCache(self.mask_cache if self.mask_cache is not None
+                         else self.out / "brain_masks")
 
     def validate(self) -> None:
         if self.split not in ("all", "train", "val", "test"):
@@ -73,6 +89,7 @@ class WeightsResult:
     heads: list[str]
     rows: list[dict[str, Any]]
     metrics: dict[str, Any]
+    masks: str = ""  # where the images' brain masks came from (describe_sources)
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -179,6 +196,7 @@ def run_evaluate(
     settings: EvaluateSettings, on_image: Callable[[int, int, ImageRecord], None] | None = None,
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
+    from brainbag.network.inference import resolve_device
     from brainbag.person.clinical import map_spread
     from brainbag.run.scan import interpret, run_weights
     from brainbag.weights.file import load_weights
@@ -186,11 +204,16 @@ def run_evaluate(
     settings.validate()
     _, records = select_records(settings)
     loaded = [load_weights(p) for p in settings.weights]
+    device = str(resolve_device(settings.inference.device))
+    cache = settings.cache()
+    notes: list[MaskNote] = []
     # the checks judge the images by the first weights file's voxel size and brain view
-    checks = check_records(records, settings, loaded[0].meta.voxel_mm, loaded[0].meta.view)
+    checks = check_records(records, settings, loaded[0].meta.voxel_mm, loaded[0].meta.view,
+                           notes, device)
+    masks = describe_sources(notes)
     taken: set[str] = set()
     results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
-                             list(w.meta.heads), [], {}) for w in loaded]
+                             list(w.meta.heads), [], {}, masks) for w in loaded]
     for k, record in enumerate(records):
         if on_image is not None:
             on_image(k, len(records), record)
@@ -198,23 +221,27 @@ def run_evaluate(
         for weights, result in zip(loaded, results, strict=True):
             spacing = weights.meta.voxel_mm
             if spacing not in by_spacing:
-                by_spacing[spacing] = conform_record(record, spacing)
+                by_spacing[spacing] = conform_record(record, spacing, cache, device)
             conformed = by_spacing[spacing]
             maps = run_weights(weights, conformed, settings.inference)
             heads = interpret(maps, weights)
             row = _row(record, heads.age_global, heads.p_female,
                        map_spread(heads.age, maps.brain))
             row["checks"] = checks[k].summary()
+            row["brain_mask"] = notes[k].label
             result.rows.append(row)
     settings.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings.out / "checks.json", [
         {"participant_id": r.participant_id, "session": r.session, "t1w": str(r.t1w),
          "checks": c.summary(), "forced": bool(c.failures), "results": c.to_list()}
         for r, c in zip(records, checks, strict=True)])
+    label, counts = mask_sources(n.label for n in notes)
     for result in results:
-        result.metrics = _metrics(result, settings)
+        result.metrics = {**_metrics(result, settings), "brain_mask": label,
+                          "brain_mask_counts": counts}
         folder = settings.out / result.label
-        write_text_atomic(folder / "predictions.tsv", predictions_tsv(result.rows, ("checks",)))
+        write_text_atomic(folder / "predictions.tsv",
+                          predictions_tsv(result.rows, ("checks", "brain_mask")))
         write_json_atomic(folder / "metrics.json", result.metrics)
         if settings.plot and "age" in result.heads:
             scatter_png(folder / "age_scatter.png", result)
@@ -224,22 +251,27 @@ def run_evaluate(
 
 
 def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
-                  voxel_mm: float = 1.0, view: tuple[int, int, int] | None = None
+                  voxel_mm: float = 1.0, view: tuple[int, int, int] | None = None,
+                  notes: list[MaskNote] | None = None, device: str = "cpu",
                   ) -> list[CheckReport]:
-    """Run predict's input checks on every image before any inference, so a bad image stops
-    the evaluation at once (with the line predict would print) unless ``settings.force``.
-    An image that cannot be read stops it even with ``--force``."""
+    """Choose every image's brain mask as predict does (stripping heads into the settings'
+    mask cache) and run predict's input checks with it, before any inference, so a bad image
+    stops the evaluation at once (with the line predict would print) unless ``settings.force``.
+    An image that cannot be read, or whose stripped mask is implausible, stops it even with
+    ``--force``. ``notes`` gets where each image's mask came from."""
     from brainbag.image.checks import CheckOptions, run_checks
-    from brainbag.image.io import load_image
-    from brainbag.image.preprocess import load_mask
 
     reports = []
+    cache = settings.cache()
     for record in records:
-        loaded = load_image(record.t1w)
-        mask = load_mask(record.mask, loaded) if record.mask is not None else None
+        loaded, choice = record_mask(record, cache, device)
+        if notes is not None:
+            notes.append(choice.note())
         options = CheckOptions(mask=record.mask, mode=settings.inference.mode,
-                               voxel_mm=voxel_mm, view_xyz=view)
-        reports.append(run_checks(record.t1w, options, loaded=loaded, mask=mask))
+                               voxel_mm=voxel_mm, view_xyz=view,
+                               stripped=choice.label if choice.strip is not None else None)
+        reports.append(run_checks(record.t1w, options, loaded=loaded, mask=choice.mask,
+                                  head_litres=choice.head_litres))
     failed = [r for r in reports if r.failures]
     if failed and not settings.force:
         also = f" (and {len(failed) - 1} more of {len(reports)} images)" if len(failed) > 1 else ""

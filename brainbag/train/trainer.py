@@ -47,6 +47,7 @@ from torch import nn
 from brainbag import __version__
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.files import atomic_path, write_text_atomic
+from brainbag.image.masks import MaskCache, MaskNote, describe_sources, mask_sources
 from brainbag.network.inference import bf16_supported, resolve_device
 from brainbag.network.model import BagNet3D, BagNetConfig
 from brainbag.train.config import TrainConfig, to_toml
@@ -83,7 +84,8 @@ from brainbag.weights.card import model_card
 from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
 
 #: settings a resumed run may change; any other flag must match the run's config
-RESUMABLE = ("epochs", "device", "workers", "cache_device", "compile", "precision")
+RESUMABLE = ("epochs", "device", "workers", "cache_device", "compile", "precision",
+             "mask_cache")
 EXIT_INTERRUPTED = 130
 
 
@@ -208,6 +210,7 @@ class Trainer:
         self._resolve_speed_options()
         self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight)
         self.stop = StopFlag()
+        self.mask_notes: list[MaskNote] = []  # where each loaded volume's brain mask came from
 
     # setup -----------------------------------------------------------------------------------
     def _resolve_speed_options(self) -> None:
@@ -285,7 +288,10 @@ class Trainer:
             if done[0] % 25 == 0 or done[0] == len(records):
                 self.reporter.message(f"loaded {done[0]}/{len(records)} volumes")
 
-        volumes = load_volumes(records, c.workers, dtype, progress, spacing=c.voxel_mm)
+        volumes = load_volumes(records, c.workers, dtype, progress, spacing=c.voxel_mm,
+                               cache=self.mask_cache(), device=str(self.device))
+        self.mask_notes = [v.mask_note for v in volumes if v.mask_note is not None]
+        self.reporter.message(describe_sources(self.mask_notes))
         nbytes = sum(v.nbytes for v in volumes)
         place = torch.device("cpu")
         if self.device.type == "cuda" and c.cache_device in ("auto", "device"):
@@ -306,6 +312,11 @@ class Trainer:
         for s in sets:
             s.volumes = volumes[k:k + len(s.records)]
             k += len(s.records)
+
+    def mask_cache(self) -> MaskCache:
+        """Where stripped masks are kept: ``mask_cache``, else ``<out>/brain_masks``."""
+        c = self.config
+        return MaskCache(Path(c.mask_cache) if c.mask_cache else self.out / "brain_masks")
 
     def _model(self) -> BagNet3D:
         c = self.config
@@ -451,6 +462,9 @@ class Trainer:
         preprocessing = dict(DEFAULT_PREPROCESSING)
         preprocessing["window_xyz"] = list(c.crop)
         preprocessing["voxel_mm"] = c.voxel_mm
+        # which brain masks the network learnt on: predict makes the same for the same scans
+        preprocessing["brain_mask"], preprocessing["brain_mask_counts"] = mask_sources(
+            n.label for n in self.mask_notes)
         if c.view == "brain":
             preprocessing["view_xyz"] = list(c.crop)
             preprocessing["view"] = ("a box of view_xyz voxels centred on the brain mask's "
