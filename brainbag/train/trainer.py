@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
-import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -48,7 +45,7 @@ from brainbag import __version__
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.files import atomic_path, write_text_atomic
 from brainbag.image.masks import MaskCache, MaskNote, describe_sources, mask_sources
-from brainbag.network.inference import bf16_supported, resolve_device
+from brainbag.network.inference import bf16_supported
 from brainbag.network.model import BagNet3D, BagNetConfig
 from brainbag.train.config import TrainConfig, to_toml
 from brainbag.train.datasets import (
@@ -61,6 +58,7 @@ from brainbag.train.datasets import (
     random_split,
     splits_tsv,
 )
+from brainbag.train.distributed import StopFlag, init_distributed
 from brainbag.train.init import adopt, age_range_with, open_init, prepare
 from brainbag.train.record import (
     CHECKPOINT_FORMAT,
@@ -99,55 +97,6 @@ class TrainingDiverged(ProcessingError):
     """The loss became NaN or infinite."""
 
 
-# --- distributed -------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), resolve_device(device_name)
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    base = resolve_device(device_name)
-    if base.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank, world, local), device
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -168,31 +117,6 @@ class _Labelled:
     records: list[ImageRecord]
     targets: torch.Tensor  # (n, 2): standardised age, female (NaN where missing)
     volumes: list[Volume] = field(default_factory=list)
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; a second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.set and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __enter__(self) -> StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Trainer:
