@@ -355,14 +355,20 @@ class Trainer:
     _split_source: str | None = None
 
     def _save(self, state: dict[str, Any], best: bool) -> None:
+        """Write ``last.ckpt`` (and, for a best epoch, ``best.ckpt`` first): the checkpoint that
+        a resume trusts is always the last file to land."""
         if not self.dist.main:
             return
         path = self._checkpoint_path()
+        if best:
+            best_path = self._checkpoint_path("best.ckpt")
+            with atomic_path(best_path) as tmp:
+                torch.save(state, tmp)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(best_path, tmp)
+            return
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-        if best:
-            with atomic_path(self._checkpoint_path("best.ckpt")) as tmp:
-                shutil.copyfile(path, tmp)
 
     # validation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -491,12 +497,17 @@ class Trainer:
 
     def _write_outputs(self, state: dict[str, Any], history: list[dict[str, Any]],
                        best: bool, model: BagNet3D, meta: WeightsMeta | None) -> None:
+        """An epoch's files, in an order a kill at any point cannot spoil: the weights of a best
+        epoch first, then the checkpoint that claims them, then metrics.tsv. A kill before the
+        checkpoint lands resumes from the previous epoch and rewrites the same weights; a kill
+        after it finds them already written (the checkpoint never claims weights that are not
+        on disk, which left stale weights that resume never rewrote)."""
         if not self.dist.main:
             return
-        self._save(state, best)
-        write_metrics(self.out / "metrics.tsv", history)
         if best and meta is not None:
             self._write_weights(model, meta)
+        self._save(state, best)
+        write_metrics(self.out / "metrics.tsv", history)
 
     def _write_weights(self, model: BagNet3D, meta: WeightsMeta) -> None:
         """The predict-ready weights file and its model card."""
@@ -613,6 +624,8 @@ class Trainer:
         if done < c.epochs or int(ckpt["step"]) or not weights.exists():
             return None
         history, best = list(ckpt["history"]), ckpt["best"]
+        if self.dist.main:  # a kill after the last checkpoint may have left it one row short
+            write_metrics(self.out / "metrics.tsv", history)
         self.reporter.message(f"nothing to do: {done} of {c.epochs} epochs done "
                               f"({self._checkpoint_path()}); pass a larger --epochs to train on")
         return TrainResult(
