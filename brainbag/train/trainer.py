@@ -49,6 +49,7 @@ from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageErr
 from brainbag.files import atomic_path, write_text_atomic
 from brainbag.network.inference import bf16_supported, resolve_device
 from brainbag.network.model import BagNet3D, BagNetConfig
+from brainbag.train.augment import augment_intensity
 from brainbag.train.config import TrainConfig, to_toml
 from brainbag.train.datasets import (
     DataSource,
@@ -71,12 +72,15 @@ from brainbag.train.steps import (
     LossSpec,
     PooledNet,
     accumulate_gradients,
+    augmentation_text,
     draw_views,
     epoch_generator,
     jitter_intensity,
+    loss_text,
     make_batch,
     make_masks,
     make_scheduler,
+    pooled_and_local,
 )
 from brainbag.weights.card import model_card
 from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
@@ -205,7 +209,8 @@ class Trainer:
         self.reporter: Reporter = reporter if (reporter is not None and self.dist.main) \
             else QuietReporter()
         self._resolve_speed_options()
-        self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight)
+        self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight,
+                             config.local_weight)
         self.stop = StopFlag()
 
     # setup -----------------------------------------------------------------------------------
@@ -374,14 +379,18 @@ class Trainer:
     @torch.no_grad()
     def validate(self, model: BagNet3D, val: _Labelled, scaling: dict[str, float] | None
                  ) -> dict[str, float | None]:
-        """Loss, MAE (years) and accuracy on a deterministic view of every validation image."""
+        """Loss, MAE (years) and accuracy on a deterministic view of every validation image.
+        The loss is the training loss (the local term included when ``local_weight`` > 0)."""
         n = len(val.records)
         if n == 0:
             return {"val_loss": None, "val_mae": None, "val_accuracy": None}
         model.eval()
         crop = self.config.crop
+        local_weight = self.config.local_weight
         outputs = torch.zeros((n, len(self.config.heads)), dtype=torch.float32,
                               device=self.device)
+        local_losses = torch.zeros(n, dtype=torch.float32, device=self.device)
+        targets = val.targets.to(self.device)
         mine = list(range(self.dist.rank, n, self.dist.world))
         micro = self.config.micro_batch or self.config.batch_size
         size = micro if self.config.val_view == "centre" else 1
@@ -400,20 +409,28 @@ class Trainer:
                 else:
                     start, shape = (0, 0, 0), v.shape
                 parts.append(v.crop(start, shape).to(self.device))
-                if self.config.pooling == "brain":
+                if self.config.pooling == "brain" or local_weight > 0:
                     masks.append(v.crop_mask(start, shape))
             x = torch.stack(parts)[:, None]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            cells = model.brain_fractions(torch.stack(masks)).to(self.device) if masks else None
+            brain = model.brain_fractions(torch.stack(masks)).to(self.device) if masks else None
+            cells = brain if self.config.pooling == "brain" else None
             with self.autocast():
-                outputs[idx] = model.pooled(x, cells).float()
+                if local_weight > 0:
+                    assert brain is not None
+                    pooled, local = pooled_and_local(model, x, cells)
+                    outputs[idx] = pooled.float()
+                    local_losses[idx] = self.loss.local_per_sample(
+                        local.float(), targets[idx], brain).float()
+                else:
+                    outputs[idx] = model.pooled(x, cells).float()
         self.dist.all_sum(outputs)
+        self.dist.all_sum(local_losses)
         model.train()
-        targets = val.targets.to(self.device)
+        losses = self.loss.per_sample(outputs, targets) + local_weight * local_losses
         result: dict[str, float | None] = {
-            "val_loss": float(self.loss.per_sample(outputs, targets).mean()),
-            "val_mae": None, "val_accuracy": None,
+            "val_loss": float(losses.mean()), "val_mae": None, "val_accuracy": None,
         }
         for i, head in enumerate(self.config.heads):
             if head == "age" and scaling is not None:
@@ -477,8 +494,10 @@ class Trainer:
                 "task": c.task,
                 "age_range": [min(ages), max(ages)] if ages else None,
                 "sexes": {s: sum(r.sex == s for r in train.records) for s in ("F", "M")},
-                "loss": f"{c.age_loss_weight} * MSE(standardised age) + "
-                        f"{c.sex_loss_weight} * BCE(sex logit, female)",
+                "loss": loss_text(c),
+                "local_weight": c.local_weight,
+                "augment": c.augment,
+                "augmentation": augmentation_text(c),
                 "epochs": epochs_done,
                 "epochs_planned": c.epochs,
                 "best_epoch": best_row.get("epoch"),
@@ -529,6 +548,7 @@ class Trainer:
         if ckpt is not None:
             self._merge_resumed_config(ckpt)
             self._resolve_speed_options()
+            self.loss = LossSpec(c.heads, c.age_loss_weight, c.sex_loss_weight, c.local_weight)
             finished = self._finished(ckpt)
             if finished is not None:
                 return finished
@@ -671,17 +691,21 @@ class Trainer:
                 idx = [batch[k] for k in mine]
                 my_views = [views[k] for k in mine]
                 x = make_batch(volumes, idx, my_views, c.crop, self.device, self.channels_last)
-                cells = None
-                if c.pooling == "brain" or c.intensity_jitter > 0:
+                cells = brain = None
+                if (c.pooling == "brain" or c.intensity_jitter > 0 or c.augment > 0
+                        or c.local_weight > 0):
                     masks = make_masks(volumes, idx, my_views, c.crop)
                     x = jitter_intensity(x, masks, c.intensity_jitter, gen)
-                    if c.pooling == "brain":
-                        cells = model.brain_fractions(masks).to(self.device)
+                    if c.augment > 0:
+                        x = self._augment(x, masks, volumes, batch, mine, gen)
+                    if c.pooling == "brain" or c.local_weight > 0:
+                        brain = model.brain_fractions(masks).to(self.device)
+                        cells = brain if c.pooling == "brain" else None
                 targets = targets_all[idx]
                 loss_sum = accumulate_gradients(
                     net, x, targets, self.loss, c.micro_batch,
                     denominator=len(batch) / self.dist.world, autocast=self.autocast,
-                    no_sync=no_sync, weights=weights, cells=cells)
+                    no_sync=no_sync, weights=weights, cells=cells, brain=brain)
                 del x
                 stats = torch.stack([loss_sum.float(),
                                      torch.tensor(float(self.stop.set), device=self.device)])
@@ -739,6 +763,21 @@ class Trainer:
                     f"interrupted after epoch {epoch + 1}; saved {self._checkpoint_path()}: "
                     "continue with the same command and --resume")
         return history, best
+
+    def _augment(self, x: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume],
+                 batch: Sequence[int], mine: Sequence[int], gen: torch.Generator
+                 ) -> torch.Tensor:
+        """Intensity augmentation of this rank's views (:mod:`brainbag.train.augment`). Each
+        sample of the whole batch gets its own generator, seeded from the epoch's generator on
+        every rank, so N processes make the views one process makes."""
+        seeds = torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
+        gens = [torch.Generator().manual_seed(int(seeds[k])) for k in mine]
+        background = torch.tensor([volumes[batch[k]].background for k in mine])
+        x = augment_intensity(x, masks.to(x.device)[:, None], background, gens,
+                              self.config.augment)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
 
     def _state(self, model: BagNet3D, optimizer: torch.optim.Optimizer, scheduler: Any,
                history: list[dict[str, Any]], best: dict[str, Any] | None,

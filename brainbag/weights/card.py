@@ -38,6 +38,9 @@ def model_card(meta: WeightsMeta) -> str:
 - Images: {t.get('images')}; subjects: {t.get('subjects')}
 - Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
   seed {t.get('seed')}; precision {t.get('precision')}
+- Training views: {t.get('augmentation', 'not recorded')}
+- Local loss weight (every map cell trained on the subject's age and sex):
+  {t.get('local_weight', 0)}; intensity augmentation strength: {t.get('augment', 0)}
 
 ## Validation ({validation})
 - Age MAE: {fig('val_mae', '.2f', ' years')}
