@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from brainbag.network.model import BagNet3D
+from brainbag.train.augment import augment_intensity
 from brainbag.train.config import TrainConfig
 from brainbag.train.datasets import (
     Volume,
@@ -212,6 +213,22 @@ def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
     factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
     brain = masks.to(x.device)[:, None] > 0
     return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
+
+
+def augment_views(x: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume],
+                  batch: Sequence[int], mine: Sequence[int], generator: torch.Generator,
+                  strength: float, channels_last: bool = False) -> torch.Tensor:
+    """Intensity augmentation (:mod:`brainbag.train.augment`) of this rank's views ``x`` (the
+    samples ``mine`` of ``batch``, with their ``masks`` ``(B, X, Y, Z)``). Every sample of the
+    whole batch gets its own generator, seeded from ``generator`` on every rank, so N processes
+    make the views one process makes."""
+    seeds = torch.randint(0, 2**62, (len(batch),), generator=generator).tolist()
+    gens = [torch.Generator().manual_seed(int(seeds[k])) for k in mine]
+    background = torch.tensor([volumes[batch[k]].background for k in mine])
+    x = augment_intensity(x, masks.to(x.device)[:, None], background, gens, strength)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
 
 
 def make_batch(

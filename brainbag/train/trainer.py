@@ -10,7 +10,9 @@ again).
 Loss per sample (averaged over the batch): ``age_loss_weight * (age_pred - age)^2`` on the
 standardised age (training-set mean and std, stored in the weights) plus
 ``sex_loss_weight * BCE(sex_logit, female)``; both weights are 1 by default, which puts the two
-terms on the same scale at the start (MSE of a standardised target ~1, BCE ~0.69).
+terms on the same scale at the start (MSE of a standardised target ~1, BCE ~0.69). With
+``local_weight`` > 0 the same terms for every cell of the local map, brain-weighted, are added
+(:meth:`brainbag.train.steps.LossSpec.local_per_sample`).
 
 Reproducibility: model initialisation uses ``seed``; each epoch's shuffle, crops and flips come
 from a generator seeded with ``(seed, epoch)`` and drawn for the whole batch on every rank, so a run
@@ -22,15 +24,16 @@ DistributedDataParallel; each rank takes every ``world``-th sample of each batch
 loss so DDP's gradient average equals the single-process batch mean. Rank 0 writes all files.
 
 This module is the loop (:class:`Trainer`, :func:`run_training`); one step's loss, gradients and
-batches are in :mod:`brainbag.train.steps`, the run's record (checkpoint format, metrics.tsv,
-reporters, resume message) in :mod:`brainbag.train.record`.
+batches are in :mod:`brainbag.train.steps` (intensity augmentation in
+:mod:`brainbag.train.augment`), the run's record (checkpoint format, metrics.tsv, reporters,
+resume message) in :mod:`brainbag.train.record`, the data sets it records in
+:mod:`brainbag.train.provenance`, the torchrun plumbing in :mod:`brainbag.train.dist`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import time
@@ -47,9 +50,8 @@ from torch import nn
 from brainbag import __version__
 from brainbag.errors import BrainbagError, InputError, ProcessingError, UsageError
 from brainbag.files import atomic_path, write_text_atomic
-from brainbag.network.inference import bf16_supported, resolve_device
+from brainbag.network.inference import bf16_supported
 from brainbag.network.model import BagNet3D, BagNetConfig
-from brainbag.train.augment import augment_intensity
 from brainbag.train.config import TrainConfig, to_toml
 from brainbag.train.datasets import (
     DataSource,
@@ -61,6 +63,8 @@ from brainbag.train.datasets import (
     random_split,
     splits_tsv,
 )
+from brainbag.train.dist import init_distributed
+from brainbag.train.provenance import describe_datasets, patients_sentence
 from brainbag.train.record import (
     CHECKPOINT_FORMAT,
     QuietReporter,
@@ -72,6 +76,7 @@ from brainbag.train.steps import (
     LossSpec,
     PooledNet,
     accumulate_gradients,
+    augment_views,
     augmentation_text,
     draw_views,
     epoch_generator,
@@ -98,55 +103,6 @@ class TrainingInterrupted(BrainbagError):
 
 class TrainingDiverged(ProcessingError):
     """The loss became NaN or infinite."""
-
-
-# --- distributed -------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), resolve_device(device_name)
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    base = resolve_device(device_name)
-    if base.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank, world, local), device
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -474,6 +430,7 @@ class Trainer:
             preprocessing["view"] = ("a box of view_xyz voxels centred on the brain mask's "
                                      "bounding box (grown to hold a larger brain)")
         ages = [r.age for r in train.records if r.age is not None]
+        datasets = describe_datasets(train.records, c.data_licence or source.licence)
         return WeightsMeta(
             id=self.out.resolve().name,
             architecture="bagnet3d",
@@ -490,6 +447,8 @@ class Trainer:
                 "images": {"train": len(train.records), "val": len(val.records)},
                 "subjects": {"train": len({r.group for r in train.records}),
                              "val": len({r.group for r in val.records})},
+                "datasets": datasets,
+                "patients": patients_sentence(datasets),
                 "recipe": c.recipe or "defaults (paper hyperparameters)",
                 "task": c.task,
                 "age_range": [min(ages), max(ages)] if ages else None,
@@ -697,7 +656,8 @@ class Trainer:
                     masks = make_masks(volumes, idx, my_views, c.crop)
                     x = jitter_intensity(x, masks, c.intensity_jitter, gen)
                     if c.augment > 0:
-                        x = self._augment(x, masks, volumes, batch, mine, gen)
+                        x = augment_views(x, masks, volumes, batch, mine, gen, c.augment,
+                                          self.channels_last)
                     if c.pooling == "brain" or c.local_weight > 0:
                         brain = model.brain_fractions(masks).to(self.device)
                         cells = brain if c.pooling == "brain" else None
@@ -763,21 +723,6 @@ class Trainer:
                     f"interrupted after epoch {epoch + 1}; saved {self._checkpoint_path()}: "
                     "continue with the same command and --resume")
         return history, best
-
-    def _augment(self, x: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume],
-                 batch: Sequence[int], mine: Sequence[int], gen: torch.Generator
-                 ) -> torch.Tensor:
-        """Intensity augmentation of this rank's views (:mod:`brainbag.train.augment`). Each
-        sample of the whole batch gets its own generator, seeded from the epoch's generator on
-        every rank, so N processes make the views one process makes."""
-        seeds = torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
-        gens = [torch.Generator().manual_seed(int(seeds[k])) for k in mine]
-        background = torch.tensor([volumes[batch[k]].background for k in mine])
-        x = augment_intensity(x, masks.to(x.device)[:, None], background, gens,
-                              self.config.augment)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x
 
     def _state(self, model: BagNet3D, optimizer: torch.optim.Optimizer, scheduler: Any,
                history: list[dict[str, Any]], best: dict[str, Any] | None,
