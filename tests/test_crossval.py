@@ -27,18 +27,20 @@ def test_folds_are_stratified_grouped_and_reproducible(tmp_path: Path) -> None:
     root = tmp_path
     records = []
     for i in range(23):
-        src = "native" if i < 5 else "2mm"
-        records.append(ImageRecord(f"S{i:02d}", root / src / f"S{i:02d}.nii.gz", age=20.0 + 2 * i))
-    records.append(ImageRecord("S03", root / "2mm" / "S03.nii.gz", age=26.0))  # a 2nd image
-    a = make_folds(records, root, 5, seed=0)
-    assert a == make_folds(records, root, 5, seed=0)
-    assert a != make_folds(records, root, 5, seed=1)
+        site = "Guys" if i < 5 else "HH"
+        records.append(ImageRecord(f"S{i:02d}", root / f"S{i:02d}.nii.gz", age=20.0 + 2 * i,
+                                   dataset="ixi", site=site))
+    records.append(ImageRecord("S03", root / "S03b.nii.gz", age=26.0, dataset="ixi",
+                               site="Guys"))  # a 2nd image
+    a = make_folds(records, 5, seed=0)
+    assert a == make_folds(records, 5, seed=0)
+    assert a != make_folds(records, 5, seed=1)
     assert len(a) == 23  # one row per subject, not per image
     folds = [r["fold"] for r in a]
     assert sorted(set(folds)) == [0, 1, 2, 3, 4]
     assert max(folds.count(f) for f in range(5)) - min(folds.count(f) for f in range(5)) <= 1
-    native = [r["fold"] for r in a if r["source"] == "native"]
-    assert sorted(native) == [0, 1, 2, 3, 4]  # 5 native subjects: one per fold
+    guys = [r["fold"] for r in a if r["stratum"] == "ixi/Guys"]
+    assert sorted(guys) == [0, 1, 2, 3, 4]  # 5 subjects of one site: one per fold
 
 
 def test_a_folds_file_missing_a_subject_is_refused(tmp_path: Path) -> None:
@@ -79,14 +81,15 @@ def test_crossval_trains_each_fold_and_predicts_every_subject_once(tmp_path: Pat
         line = next(x for x in split.splitlines() if x.startswith(r["participant_id"] + "\t"))
         assert line.split("\t")[2] == "val"  # recorded each epoch, never used to choose
         assert assignment[r["participant_id"].removeprefix("sub-")] == r["fold"]
-    # baseline = the mean age of the other folds, on the same rows
+    # site-mean baseline = the mean age of the other folds (one site: the table), same rows
     fold0 = [p for p, f in assignment.items() if f == 0]
     train_mean = np.mean([ages[p] for p, f in assignment.items() if f != 0])
     expected = np.mean([abs(ages[p] - train_mean) for p in fold0])
-    got = result.metrics["by_fold"][0]["baseline"]["age"]["mae"]
+    got = result.metrics["by_fold"][0]["site_mean"]["age"]["mae"]
     assert got == pytest.approx(expected, rel=1e-9)
     overall = result.metrics["overall"]
-    assert overall["model"]["n"] == 9 and overall["mae_ratio"] > 0
+    assert overall["model"]["n"] == 9 and overall["mae_ratio"]["site_mean"] > 0
+    assert overall["morphometric"]["age"]["n"] == 9
     curve = (tmp_path / "cv" / "learning_curve.tsv").read_text().splitlines()
     assert curve[0].startswith("epoch\ttrain_loss\theldout_loss\theldout_age_mae")
     assert len(curve) == 2 and curve[1].split("\t")[-1] == "3"  # 1 epoch, 3 folds

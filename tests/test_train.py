@@ -210,33 +210,64 @@ def test_an_existing_run_needs_resume_and_keeps_its_settings(tiny_data: Path,
     assert [r[0] for r in _metrics(out)[1:]] == ["1", "2"]
 
 
-def test_resume_after_a_kill_continues_with_identical_losses(tiny_data: Path,
-                                                             tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "brainbag", "train", str(tiny_data), "--epochs", "6", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(args + ["--out", str(straight)], check=True, env=env, capture_output=True)
+#: Runs `brainbag train` and SIGKILLs itself when the run's `last.ckpt` of epoch KILL_EPOCH is
+#: renamed into place, just before (KILL_WHEN=before) or just after (after) the rename: a kill at
+#: an exact point between the files an epoch writes, instead of at whatever moment a poll sees.
+_KILLER = """
+import os, signal, sys
+epoch, when = int(os.environ["KILL_EPOCH"]), os.environ["KILL_WHEN"]
+real, seen = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    last = os.path.basename(str(dst)) == "last.ckpt"
+    seen[0] += last
+    if last and seen[0] == epoch and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *args, **kwargs)
+    if last and seen[0] == epoch and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from brainbag.cli import main
+sys.argv[0] = "brainbag"
+main()
+"""
 
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 epochs of the tiny run, uninterrupted (the reference of the kill tests)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    args = [sys.executable, "-m", "brainbag", "train", str(tiny_data), "--epochs", "6", *TINY]
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_resume_after_a_kill_continues_with_identical_losses(
+        tiny_data: Path, straight_run: Path, tmp_path: Path, when: str) -> None:
+    """kill -9 right before or right after the checkpoint of the best epoch lands, then
+    --resume: the same losses and the same (best epoch's) weights as the uninterrupted run.
+    Before the fix the checkpoint was written before the weights, so a kill after it left the
+    previous best weights, which resume never rewrote."""
+    best = read_meta(straight_run / "weights.safetensors").training["best_epoch"]
+    killer = tmp_path / "killer.py"
+    killer.write_text(_KILLER)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.tsv"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # 2 epochs done
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    saved = torch.load(killed / "last.ckpt", weights_only=True)["epoch"]
-    assert 2 <= saved < 6
-    done = subprocess.run(args + ["--out", str(killed), "--resume"], env=env,
+    args = [str(tiny_data), "--epochs", "6", *TINY, "--out", str(killed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_EPOCH": str(best), "KILL_WHEN": when}
+    proc = subprocess.run([sys.executable, str(killer), "train", *args], env=env,
                           capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    saved = torch.load(killed / "last.ckpt", weights_only=True)["epoch"]
+    assert saved == (best if when == "after" else best - 1)
+    done = subprocess.run([sys.executable, "-m", "brainbag", "train", *args, "--resume"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
-    assert f"resumed after epoch {saved}" in done.stdout
-    assert _metrics(killed) == _metrics(straight)
-    a = load_weights(straight / "weights.safetensors").model.state_dict()
+    assert (f"resumed after epoch {saved}" if saved < 6 else "nothing to do") in done.stdout
+    assert _metrics(killed) == _metrics(straight_run)
+    assert read_meta(killed / "weights.safetensors").training["best_epoch"] == best
+    a = load_weights(straight_run / "weights.safetensors").model.state_dict()
     b = load_weights(killed / "weights.safetensors").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

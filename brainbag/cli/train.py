@@ -133,6 +133,14 @@ def train(
         int | None, typer.Option("--workers", help="Threads loading volumes "
                                  + _train_default("workers") + ".")
     ] = None,
+    local_weight: Annotated[
+        float | None, typer.Option("--local-weight", help="Weight of the loss on every cell of "
+                                   "the local map (the subject's age and sex per cell) "
+                                   + _train_default("local_weight") + ".")] = None,
+    augment: Annotated[
+        float | None, typer.Option("--augment", help="Intensity augmentation strength (gamma, "
+                                   "bias field, blur, noise), 0 = off "
+                                   + _train_default("augment") + ".")] = None,
     data_name: Annotated[
         str | None, typer.Option("--data-name", help="Training data name for the weights "
                                  "metadata \\[default: from the data].")] = None,
@@ -156,6 +164,7 @@ def train(
         "precision": precision.value if precision else None, "seed": seed, "width": width,
         "val_view": val_view.value if val_view else None, "val_fraction": val_fraction,
         "test_fraction": test_fraction, "compile": compile_model, "workers": workers,
+        "local_weight": local_weight, "augment": augment,
         "data_name": data_name, "data_licence": data_licence, "init": init,
         "freeze_stages": freeze_stages,
     }
@@ -181,10 +190,16 @@ def train(
 
 
 def crossval(
-    data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
+    data: Annotated[
+        list[Path],
+        typer.Argument(help="Data in any layout `brainbag train` reads; several participants "
+                       "tables (or BIDS folders) are pooled, each image keeping its data set "
+                       "(the table's 'dataset' column, else its folder name), 'site' and "
+                       "'group'.")],
     folds: Annotated[
-        Path, typer.Option("--folds", help="Folds TSV (participant_id, fold); made (stratified "
-                           "by source and age, --seed) when it does not exist.")],
+        Path | None, typer.Option("--folds", help="Folds TSV (participant_id, fold); made "
+                                  "(stratified by data set, site, group and age; --k, --seed) "
+                                  "when it does not exist \\[default: OUT/folds.tsv].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "runs/crossval"),
     recipe: Annotated[
@@ -195,25 +210,46 @@ def crossval(
                                                "the recipe).")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Network width (overrides the "
                                               "recipe).")] = None,
+    local_weight: Annotated[
+        float | None, typer.Option("--local-weight", help="Weight of the loss on every cell "
+                                   "of the local map (overrides the recipe).")] = None,
+    augment: Annotated[
+        float | None, typer.Option("--augment", help="Intensity augmentation strength, 0 = "
+                                   "off (overrides the recipe).")] = None,
     k: Annotated[int, typer.Option("--k", help="Number of folds when making the folds file.")
                  ] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of a new folds file.")] = 0,
+    leave_one_dataset_out: Annotated[
+        bool, typer.Option("--leave-one-dataset-out", help="One fold per data set: train on "
+                           "the others, test on it (a site never seen).")] = False,
+    train_groups: Annotated[
+        list[str] | None,
+        typer.Option("--train-groups", help="Train only on these values of the 'group' "
+                     "column (repeat, or comma-separated); the other groups are still "
+                     "predicted and reported. Images without a group are trained on.")] = None,
     device: Annotated[Device | None, typer.Option("--device")] = None,
     init: InitOpt = None,
     freeze_stages: FreezeOpt = None,
 ) -> None:
-    """K-fold cross-validation grouped by subject: one model per fold, held-out predictions
-    pooled and compared with the predict-the-training-mean baseline (resumable)."""
+    """Cross-validation grouped by subject: one model per fold, held-out predictions pooled and
+    reported per data set, site and group next to two baselines fitted on the same training
+    folds, the per-site training mean and a morphometric ridge regression (resumable)."""
+    from brainbag.errors import UsageError
     from brainbag.train.config import resolve
-    from brainbag.train.crossval import crossval_rows, run_crossval
+    from brainbag.train.crossval import run_crossval
     from brainbag.train.record import ConsoleReporter
     from brainbag.train.trainer import run_training
 
-    flags = {"rf": rf, "epochs": epochs, "width": width,
-             "device": device.value if device else None, "init": init,
-             "freeze_stages": freeze_stages}
+    flags = {"rf": rf, "epochs": epochs, "width": width, "local_weight": local_weight,
+             "augment": augment, "device": device.value if device else None,
+             "init": init, "freeze_stages": freeze_stages}
+    groups = None if not train_groups else sorted(
+        {g.strip() for value in train_groups for g in value.split(",") if g.strip()})
     with _exit_on_errors():
-        config, explicit = resolve(str(data), str(out), recipe, flags)
+        if leave_one_dataset_out and folds is not None:
+            raise UsageError("--folds and --leave-one-dataset-out exclude each other: the "
+                             "folds of leave-one-dataset-out are the data sets")
+        config, explicit = resolve(str(data[0]), str(out), recipe, flags)
     console = _console()
 
     def train_fold(c: Any, resume: bool) -> Any:
@@ -222,40 +258,65 @@ def crossval(
     def on_fold(n: int, total: int) -> None:
         console.print(f"[bold]fold {n + 1}/{total}[/]")
 
+    def on_message(text: str) -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
+
     with _exit_on_errors():
         try:
             result = run_crossval(data, folds, config, out, k=k, seed=seed, train=train_fold,
-                                  on_fold=on_fold)
+                                  on_fold=on_fold, leave_one_dataset_out=leave_one_dataset_out,
+                                  train_groups=groups, on_message=on_message)
         except KeyboardInterrupt:
             _console(stderr=True).print(
                 "[yellow]stopped:[/] interrupted; run the same command again to continue")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+    m = result.metrics
+    for table in crossval_tables(m, leave_one_dataset_out):
+        console.print(table)
+    if m["train_groups"] is not None:
+        console.print(f"trained on the groups {', '.join(m['train_groups'])} (and images "
+                      "without a group); the other groups were predicted only", soft_wrap=True)
+    console.print(f"results in {out}/ (predictions.tsv, metrics.json, table.tsv, "
+                  "learning_curve.tsv; fold-K/run: each fold's training run)", soft_wrap=True)
+
+
+def crossval_tables(m: dict[str, Any], leave_one_dataset_out: bool) -> list[Any]:
+    """The printed figures of a cross-validation: an age table and a sex table, one row per
+    subset (all, data sets, sites, groups), the network next to both baselines."""
     from rich.table import Table
 
+    from brainbag.train.cvreport import crossval_rows
     from brainbag.train.evaluate import BIAS_SLOPE_NOTE
 
-    table = Table(title=f"brainbag crossval ({result.metrics['folds']} folds, "
-                        f"{result.metrics['subjects']} subjects, held-out predictions)",
-                  caption=BIAS_SLOPE_NOTE, caption_justify="left")
-    for col in ("group", "n", "age MAE", "baseline MAE", "ratio", "r", "bias slope",
-                "sex acc.", "baseline acc.", "AUC"):
-        table.add_column(col, justify="left" if col == "group" else "right")
+    scheme = "leave-one-dataset-out" if leave_one_dataset_out else f"{m['folds']} folds"
+    title = f"brainbag crossval ({scheme}, {m['subjects']} subjects, held-out predictions)"
+    baselines = ("site mean: the mean age (majority sex) of the training images of the same "
+                 "site, or of all training images for a site never trained on. morph.: ridge "
+                 "(logistic) regression on whole-brain volume and intensity numbers, fitted on "
+                 "the training folds. The ratios to both are in table.tsv.")
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    for row in crossval_rows(result.metrics):
-        table.add_row(row["group"], str(row["n"]), f(row["age_mae"], ".2f"),
-                      f(row["baseline_mae"], ".2f"), f(row["mae_ratio"], ".2f"),
-                      f(row["age_r"], ".3f"), f(row["age_bias_slope"], ".3f"),
-                      f(row["sex_accuracy"], ".1%"), f(row["baseline_accuracy"], ".1%"),
-                      f(row["sex_auc"], ".3f"))
-    console.print(table)
-    console.print(f"brain masks of the held-out images: {result.metrics['brain_mask']} "
-                  "(given: mask files; deepbet: stripped by brainbag; nonzero: voxels > 0)",
-                  soft_wrap=True)
-    console.print(f"results in {out}/ (predictions.tsv, metrics.json, table.tsv; "
-                  "fold-K/run: each fold's training run)", soft_wrap=True)
+    age = Table(title=f"{title}: age (MAE in years)", caption=f"{baselines} {BIAS_SLOPE_NOTE}",
+                caption_justify="left")
+    sex = Table(title=f"{title}: sex")
+    rows = crossval_rows(m)
+    widest = max(len(row["subset"]) for row in rows)
+    for table, cols in ((age, ("MAE", "site mean", "morph.", "r", "bias slope")),
+                        (sex, ("accuracy", "site mean", "morph.", "AUC", "morph. AUC"))):
+        table.add_column("subset", no_wrap=True, min_width=widest)
+        table.add_column("n", justify="right")
+        for col in cols:
+            table.add_column(col, justify="right")
+    for row in rows:
+        age.add_row(row["subset"], str(row["n"]), f(row["age_mae"], ".2f"),
+                    f(row["site_mean_mae"], ".2f"), f(row["morph_mae"], ".2f"),
+                    f(row["age_r"], ".3f"), f(row["age_bias_slope"], ".3f"))
+        sex.add_row(row["subset"], str(row["n"]), f(row["sex_accuracy"], ".1%"),
+                    f(row["site_mean_accuracy"], ".1%"), f(row["morph_accuracy"], ".1%"),
+                    f(row["sex_auc"], ".3f"), f(row["morph_auc"], ".3f"))
+    return [age, sex]
 
 
 def evaluate(

@@ -25,6 +25,8 @@ else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
 REPO_TRAINING = Path(__file__).resolve().parents[2] / "training"
 TASKS = ("age", "sex", "both")
 BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy", "last")
+#: the strongest intensity augmentation accepted (gamma up to exp(0.47 * 4) = 6.6 at the top)
+MAX_AUGMENT = 4.0
 
 
 @dataclass
@@ -61,12 +63,17 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the published clipping never acted)
     age_loss_weight: float = 1.0
     sex_loss_weight: float = 1.0
+    #: weight of the local loss: every cell of the local map trained on the subject's age and
+    #: sex (brain-weighted mean of the per-cell losses); 0 = the pooled loss only
+    local_weight: float = 0.0
     # augmentation and validation
     crop: list[int] = field(default_factory=lambda: [160, 160, 128])
     view: str = "crop"  # "crop": random crops of `crop`; "brain": `crop` box centred on the brain
     view_jitter: int = 0  # brain view: random shift of up to this many voxels per axis
     flip: bool = True
     intensity_jitter: float = 0.0  # brain voxels scaled by a random factor in [1 - j, 1 + j]
+    #: intensity augmentation strength (gamma, bias field, blur, noise; brainbag.train.augment)
+    augment: float = 0.0
     val_view: str = "centre"
     val_every: int = 1
     val_fraction: float = 0.1
@@ -112,6 +119,10 @@ class TrainConfig:
             (0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
             (self.age_loss_weight >= 0 and self.sex_loss_weight >= 0, "loss weights must be >= 0"),
+            (0 <= self.local_weight < math.inf,
+             f"local_weight must be a number >= 0, got {self.local_weight}"),
+            (0 <= self.augment <= MAX_AUGMENT,
+             f"augment must be a strength in [0, {MAX_AUGMENT:g}] (0 = off), got {self.augment}"),
             (len(self.crop) == 3 and all(int(c) >= 1 for c in self.crop),
              f"crop must be three positive sizes (x y z), got {self.crop}"),
             (self.val_view in ("centre", "full"), f"val_view must be centre or full, got "

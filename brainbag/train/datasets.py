@@ -29,6 +29,7 @@ Sex is ``"F"`` or ``"M"``; the network's sex head predicts P(female).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -54,7 +55,12 @@ _IMAGE_COLUMNS = ("t1w", "image", "path")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One labelled image. ``sex`` is ``"F"``, ``"M"`` or None; ``split`` one of SPLITS or None."""
+    """One labelled image. ``sex`` is ``"F"``, ``"M"`` or None; ``split`` one of SPLITS or None.
+
+    ``dataset`` is the data set the image comes from (a table's ``dataset`` column, else the
+    table's or BIDS folder's name), ``site`` its ``site`` column, ``cohort`` its ``group`` column
+    (e.g. ``control`` or ``depression``); None where the table has none.
+    """
 
     participant_id: str
     t1w: Path
@@ -63,6 +69,9 @@ class ImageRecord:
     sex: str | None = None
     split: str | None = None
     session: str | None = None
+    dataset: str | None = None
+    site: str | None = None
+    cohort: str | None = None
 
     @property
     def group(self) -> str:
@@ -121,6 +130,7 @@ def read_participants_table(path: Path) -> DataSource:
         )
     base = path.parent
     records = []
+    name = table_name(path)
     for n, row in enumerate(rows, start=2):
         where = f"{path}, row {n}"
         if not row[img_col]:
@@ -135,11 +145,34 @@ def read_participants_table(path: Path) -> DataSource:
             sex=sex,
             split=_split_value(row.get("split"), where) if "split" in header else None,
             session=row.get("session_id") or row.get("session") or None,
+            **_origin(row, name),
         ))
     if not records:
         raise InputError(f"{path} lists no images")
-    return DataSource(records, "table", base, name=path.parent.name or str(path),
+    # a table of several data sets (brainbag crossval's data.tsv) is named after them
+    named = " + ".join(sorted({r.dataset for r in records if r.dataset})) \
+        if "dataset" in header else ""
+    return DataSource(records, "table", base, name=named or path.parent.name or str(path),
                       split_source=f"'split' column of {path}" if "split" in header else None)
+
+
+def table_name(path: Path) -> str:
+    """The dataset name of a table without a ``dataset`` column: its folder's name for a
+    ``participants.tsv`` (``ixi/participants.tsv`` -> ``ixi``), else the file's stem."""
+    if path.stem.lower() == "participants" and path.parent.name:
+        return path.parent.name
+    return path.stem
+
+
+def _text(value: str | None) -> str | None:
+    text = (value or "").strip()
+    return None if text.lower() in MISSING else text
+
+
+def _origin(row: dict[str, str], dataset: str) -> dict[str, str | None]:
+    """A row's dataset, site and cohort (``dataset``, ``site`` and ``group`` columns)."""
+    return {"dataset": _text(row.get("dataset")) or dataset, "site": _text(row.get("site")),
+            "cohort": _text(row.get("group"))}
 
 
 def _bids_mask(t1w: Path) -> Path | None:
@@ -179,7 +212,7 @@ def read_bids(root: Path) -> DataSource:
             without.append(row["participant_id"])
         for path, ses in images:
             records.append(ImageRecord(row["participant_id"], path, _bids_mask(path), age, sex,
-                                       session=ses))
+                                       session=ses, **_origin(row, root.name)))
     if not records:
         raise InputError(
             f"{root}: participants.tsv lists {len(rows)} subjects but no "
@@ -306,6 +339,59 @@ def discover(data: Path, split: Path | None = None) -> DataSource:
     return source
 
 
+def discover_all(paths: Sequence[Path]) -> DataSource:
+    """Every image of several ``DATA`` (participants tables, BIDS folders) as one source.
+
+    Each record keeps its dataset (the table's ``dataset`` column, else its name, see
+    :func:`table_name`). Participant ids must be unique across the data (a subject's images are
+    kept together by id): the same id in two of them is refused, and so are two data sets of
+    the same name."""
+    if not paths:
+        raise UsageError("give at least one training table or data folder")
+    sources = [discover(Path(p)) for p in paths]
+    if len(sources) == 1:
+        return sources[0]
+    owner: dict[str, Path] = {}
+    named: dict[str, Path] = {}
+    for path, source in zip(paths, sources, strict=True):
+        for name in sorted({r.dataset or source.name for r in source.records}):
+            if named.setdefault(name, Path(path)) != Path(path):
+                raise InputError(
+                    f"{path} and {named[name]} are both data set {name!r}; give one of them a "
+                    "'dataset' column (or put both in one table) so that figures per data set "
+                    "stay apart")
+        for r in source.records:
+            first = owner.setdefault(r.group, Path(path))
+            if first != Path(path):
+                raise InputError(
+                    f"subject {r.participant_id} is in both {first} and {path}; participant ids "
+                    "must be unique across the tables (prefix them with the data set, e.g. "
+                    "ds002748-sub-01), or put a subject's images in one table")
+    records = [replace(r, dataset=r.dataset or s.name) for s in sources for r in s.records]
+    roots = [str(s.root.resolve()) for s in sources]
+    return DataSource(records, "tables", Path(os.path.commonpath(roots)),
+                      name=" + ".join(s.name for s in sources))
+
+
+COMBINED_COLUMNS = ("participant_id", "session", "age", "sex", "dataset", "site", "group",
+                    "t1w", "mask")
+
+
+def combined_table(records: Sequence[ImageRecord]) -> str:
+    """A participants table of ``records`` with absolute image paths, which
+    :func:`read_participants_table` reads back to the same records (split aside)."""
+    lines = ["\t".join(COMBINED_COLUMNS)]
+    for r in records:
+        values = [r.participant_id, r.session or "", "" if r.age is None else repr(r.age),
+                  r.sex or "", r.dataset or "", r.site or "", r.cohort or "",
+                  str(r.t1w.resolve()), str(r.mask.resolve()) if r.mask else ""]
+        if any("\t" in v or "\n" in v for v in values):
+            raise InputError(f"{r.t1w}: a tab or line break in a value of {r.participant_id} "
+                             "cannot be written to a table")
+        lines.append("\t".join(values))
+    return "\n".join(lines) + "\n"
+
+
 def apply_split(source: DataSource, split: Path) -> DataSource:
     """Assign every record the split its participant has in ``split``; unlisted ones get none."""
     assignment = read_split_source(split)
@@ -360,7 +446,8 @@ def check_grouped(records: Iterable[ImageRecord]) -> None:
         seen[r.group] = r.split
 
 
-SPLITS_TSV_COLUMNS = ("participant_id", "session", "split", "age", "sex", "t1w", "mask")
+SPLITS_TSV_COLUMNS = ("participant_id", "session", "split", "age", "sex", "t1w", "mask",
+                      "dataset", "site", "group")
 
 
 def splits_tsv(records: Sequence[ImageRecord]) -> str:
@@ -369,7 +456,7 @@ def splits_tsv(records: Sequence[ImageRecord]) -> str:
     for r in records:
         values = [r.participant_id, r.session or "", r.split or "",
                   "" if r.age is None else f"{r.age:g}", r.sex or "", str(r.t1w),
-                  str(r.mask) if r.mask else ""]
+                  str(r.mask) if r.mask else "", r.dataset or "", r.site or "", r.cohort or ""]
         lines.append("\t".join(v.replace("\t", " ") for v in values))
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from brainbag.network.model import BagNet3D
+from brainbag.train.augment import augment_intensity
 from brainbag.train.config import TrainConfig
 from brainbag.train.datasets import (
     Volume,
@@ -25,11 +26,17 @@ from brainbag.train.datasets import (
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Which head outputs which target, and with what weight."""
+    """Which head outputs which target, and with what weight.
+
+    ``local_weight`` > 0 adds the local loss (:meth:`local_per_sample`): every cell of the local
+    map is trained on the subject's age and sex, the paper's premise that each patch carries
+    evidence, and the way to make the map readable as local ages.
+    """
 
     heads: tuple[str, ...]
     age_weight: float = 1.0
     sex_weight: float = 1.0
+    local_weight: float = 0.0
 
     def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of every sample: ``outputs`` (B, heads), ``targets`` (B, 2) = (age_std, female)."""
@@ -43,15 +50,58 @@ class LossSpec:
                     outputs[:, i], targets[:, 1], reduction="none")
         return loss
 
+    def local_per_sample(self, local: torch.Tensor, targets: torch.Tensor, brain: torch.Tensor
+                         ) -> torch.Tensor:
+        """The local loss of every sample: the brain-weighted mean over the local map's cells
+        of each cell's loss against the subject's targets (the same terms and weights as
+        :meth:`per_sample`: age MSE per cell on the standardised scale, sex BCE per cell).
+
+        ``local`` ``(B, heads, D, H, W)`` is the local map, ``brain`` ``(B, D, H, W)`` each
+        cell's brain fraction (:meth:`BagNet3D.brain_fractions`), normalised per sample here; a
+        sample without brain cells contributes 0."""
+        local = local.to(targets.dtype)
+        dims = (1, 2, 3)
+        w = brain.to(local.device, targets.dtype)
+        w = w / w.sum(dim=dims, keepdim=True).clamp_min(1e-12)
+        loss = torch.zeros(local.shape[0], dtype=targets.dtype, device=local.device)
+        for i, head in enumerate(self.heads):
+            if head == "age":
+                cell = self.age_weight * (local[:, i] - targets[:, 0].view(-1, 1, 1, 1)) ** 2
+            else:
+                cell = self.sex_weight * nn.functional.binary_cross_entropy_with_logits(
+                    local[:, i], targets[:, 1].view(-1, 1, 1, 1).expand_as(local[:, i]),
+                    reduction="none")
+            loss = loss + (cell * w).sum(dim=dims)
+        return loss
+
+
+def pooled_and_local(model: BagNet3D, x: torch.Tensor, cells: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass giving the global output and the local map ``(B, heads, D, H, W)``.
+
+    The map is the head applied at every position (as :meth:`BagNet3D.forward`); the global
+    output is its mean over all cells, or its ``cells``-weighted mean (masked pooling). Because
+    the head is linear this equals :meth:`BagNet3D.pooled` (average, then linear)."""
+    local = model(x)
+    if cells is None:
+        return local.mean(dim=(2, 3, 4)), local
+    w = cells.to(local.dtype)[:, None]
+    pooled = (local * w).sum(dim=(2, 3, 4)) / w.sum(dim=(2, 3, 4)).clamp_min(1e-6)
+    return pooled, local
+
 
 class PooledNet(nn.Module):
-    """``forward`` = the BagNet's global (average-then-linear) output, for DDP and compile."""
+    """``forward`` = the BagNet's global (average-then-linear) output, for DDP and compile;
+    with ``local=True`` the global output and the local map (:func:`pooled_and_local`)."""
 
     def __init__(self, model: BagNet3D) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cells: torch.Tensor | None = None, local: bool = False
+                ) -> Any:
+        if local:
+            return pooled_and_local(self.model, x, cells)
         return self.model.pooled(x, cells)
 
 
@@ -66,6 +116,7 @@ def accumulate_gradients(
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     weights: torch.Tensor | None = None,
     cells: torch.Tensor | None = None,
+    brain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add to ``.grad`` the gradient of ``sum(per-sample loss) / denominator`` over ``x``, in
     forward passes of ``micro_batch`` samples; return the (detached) sum of the losses.
@@ -73,19 +124,31 @@ def accumulate_gradients(
     ``weights`` (per sample, default 1) lets a rank with nothing to contribute still run the
     collective backward with a zero-weight sample. ``no_sync`` (DDP) skips the gradient all-reduce
     on every micro-batch but the last. ``cells`` (per sample, on the map grid) are the brain
-    fractions of masked pooling (see :meth:`BagNet3D.pooled`).
+    fractions of masked pooling (see :meth:`BagNet3D.pooled`). With ``loss.local_weight`` > 0 the
+    per-sample loss adds ``local_weight`` times the local loss, weighted by ``brain`` (each
+    cell's brain fraction, required then), from the same forward pass.
     """
     n = x.shape[0]
     micro = n if micro_batch <= 0 else micro_batch
     chunks = list(range(0, n, micro))
     total = torch.zeros((), dtype=targets.dtype, device=targets.device)
+    if loss.local_weight > 0 and brain is None:
+        raise ValueError("the local loss (local_weight > 0) needs the cells' brain fractions")
     for k, start in enumerate(chunks):
         part = slice(start, start + micro)
         sync = no_sync if (no_sync is not None and k < len(chunks) - 1) else None
         with sync() if sync is not None else contextlib.nullcontext():
+            part_cells = None if cells is None else cells[part]
             with autocast():
-                outputs = net(x[part]) if cells is None else net(x[part], cells[part])
+                if loss.local_weight > 0:
+                    outputs, local = net(x[part], part_cells, True)
+                else:
+                    outputs = net(x[part]) if part_cells is None else net(x[part], part_cells)
             losses = loss.per_sample(outputs, targets[part])
+            if loss.local_weight > 0:
+                assert brain is not None
+                losses = losses + loss.local_weight * loss.local_per_sample(
+                    local, targets[part], brain[part])
             if weights is not None:
                 losses = losses * weights[part]
             (losses.sum() / denominator).backward()
@@ -152,6 +215,22 @@ def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
     return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
 
 
+def augment_views(x: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume],
+                  batch: Sequence[int], mine: Sequence[int], generator: torch.Generator,
+                  strength: float, channels_last: bool = False) -> torch.Tensor:
+    """Intensity augmentation (:mod:`brainbag.train.augment`) of this rank's views ``x`` (the
+    samples ``mine`` of ``batch``, with their ``masks`` ``(B, X, Y, Z)``). Every sample of the
+    whole batch gets its own generator, seeded from ``generator`` on every rank, so N processes
+    make the views one process makes."""
+    seeds = torch.randint(0, 2**62, (len(batch),), generator=generator).tolist()
+    gens = [torch.Generator().manual_seed(int(seeds[k])) for k in mine]
+    background = torch.tensor([volumes[batch[k]].background for k in mine])
+    x = augment_intensity(x, masks.to(x.device)[:, None], background, gens, strength)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 def make_batch(
     volumes: Sequence[Volume], indices: Sequence[int],
     views: Sequence[tuple[tuple[int, int, int], bool]], crop: Sequence[int],
@@ -180,3 +259,32 @@ def _cut(volumes: Sequence[Volume], indices: Sequence[int],
         c = volumes[i].crop_mask(start, crop) if masks else volumes[i].crop(start, crop)
         parts.append(torch.flip(c, dims=(0,)) if flipped else c)
     return torch.stack(parts)
+
+
+def loss_text(c: TrainConfig) -> str:
+    """The training loss in words, as the weights metadata and model card record it."""
+    parts = []
+    if "age" in c.heads:
+        parts.append(f"{c.age_loss_weight:g} * MSE(standardised age)")
+    if "sex" in c.heads:
+        parts.append(f"{c.sex_loss_weight:g} * BCE(sex logit, female)")
+    text = " + ".join(parts) + " of the pooled prediction"
+    if c.local_weight > 0:
+        text += (f" + {c.local_weight:g} * the same terms for every cell of the local map against "
+                 "the subject's age and sex (brain-weighted mean over the cells)")
+    return text
+
+
+def augmentation_text(c: TrainConfig) -> str:
+    """What was done to the training views, in words (metadata and model card)."""
+    parts = ["random crops" if c.view == "crop" else
+             f"whole-brain view, shifted by up to {c.view_jitter} voxels"]
+    if c.flip:
+        parts.append("left-right flips")
+    if c.intensity_jitter > 0:
+        parts.append(f"brain intensities scaled by a random factor within "
+                     f"+-{c.intensity_jitter:g}")
+    if c.augment > 0:
+        parts.append(f"intensity augmentation, strength {c.augment:g} (gamma, bias field, blur, "
+                     "noise; re-whitened within the brain)")
+    return "; ".join(parts)

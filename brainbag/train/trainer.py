@@ -10,7 +10,9 @@ again).
 Loss per sample (averaged over the batch): ``age_loss_weight * (age_pred - age)^2`` on the
 standardised age (training-set mean and std, stored in the weights) plus
 ``sex_loss_weight * BCE(sex_logit, female)``; both weights are 1 by default, which puts the two
-terms on the same scale at the start (MSE of a standardised target ~1, BCE ~0.69).
+terms on the same scale at the start (MSE of a standardised target ~1, BCE ~0.69). With
+``local_weight`` > 0 the same terms for every cell of the local map, brain-weighted, are added
+(:meth:`brainbag.train.steps.LossSpec.local_per_sample`).
 
 Reproducibility: model initialisation uses ``seed``; each epoch's shuffle, crops and flips come
 from a generator seeded with ``(seed, epoch)`` and drawn for the whole batch on every rank, so a run
@@ -22,8 +24,10 @@ DistributedDataParallel; each rank takes every ``world``-th sample of each batch
 loss so DDP's gradient average equals the single-process batch mean. Rank 0 writes all files.
 
 This module is the loop (:class:`Trainer`, :func:`run_training`); one step's loss, gradients and
-batches are in :mod:`brainbag.train.steps`, the run's record (checkpoint format, metrics.tsv,
-reporters, resume message) in :mod:`brainbag.train.record`.
+batches are in :mod:`brainbag.train.steps` (intensity augmentation in
+:mod:`brainbag.train.augment`), the run's record (checkpoint format, metrics.tsv, reporters,
+resume message) in :mod:`brainbag.train.record`, the data sets it records in
+:mod:`brainbag.train.provenance`, the torchrun plumbing in :mod:`brainbag.train.distributed`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from brainbag.train.datasets import (
 )
 from brainbag.train.distributed import StopFlag, init_distributed
 from brainbag.train.init import adopt, age_range_with, open_init, prepare
+from brainbag.train.provenance import describe_datasets, patients_sentence
 from brainbag.train.record import (
     CHECKPOINT_FORMAT,
     QuietReporter,
@@ -71,12 +76,16 @@ from brainbag.train.steps import (
     LossSpec,
     PooledNet,
     accumulate_gradients,
+    augment_views,
+    augmentation_text,
     draw_views,
     epoch_generator,
     jitter_intensity,
+    loss_text,
     make_batch,
     make_masks,
     make_scheduler,
+    pooled_and_local,
 )
 from brainbag.weights.card import model_card
 from brainbag.weights.file import DEFAULT_PREPROCESSING, WeightsMeta, save_weights
@@ -132,7 +141,8 @@ class Trainer:
         self.reporter: Reporter = reporter if (reporter is not None and self.dist.main) \
             else QuietReporter()
         self._resolve_speed_options()
-        self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight)
+        self.loss = LossSpec(config.heads, config.age_loss_weight, config.sex_loss_weight,
+                             config.local_weight)
         self.stop = StopFlag()
         self.mask_notes: list[MaskNote] = []  # where each loaded volume's brain mask came from
 
@@ -295,27 +305,37 @@ class Trainer:
     model: BagNet3D | None = None
 
     def _save(self, state: dict[str, Any], best: bool) -> None:
+        """Write ``last.ckpt`` (and, for a best epoch, ``best.ckpt`` first): the checkpoint that
+        a resume trusts is always the last file to land."""
         if not self.dist.main:
             return
         path = self._checkpoint_path()
+        if best:
+            best_path = self._checkpoint_path("best.ckpt")
+            with atomic_path(best_path) as tmp:
+                torch.save(state, tmp)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(best_path, tmp)
+            return
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-        if best:
-            with atomic_path(self._checkpoint_path("best.ckpt")) as tmp:
-                shutil.copyfile(path, tmp)
 
     # validation ------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, model: BagNet3D, val: _Labelled, scaling: dict[str, float] | None
                  ) -> dict[str, float | None]:
-        """Loss, MAE (years) and accuracy on a deterministic view of every validation image."""
+        """Loss, MAE (years) and accuracy on a deterministic view of every validation image.
+        The loss is the training loss (the local term included when ``local_weight`` > 0)."""
         n = len(val.records)
         if n == 0:
             return {"val_loss": None, "val_mae": None, "val_accuracy": None}
         model.eval()
         crop = self.config.crop
+        local_weight = self.config.local_weight
         outputs = torch.zeros((n, len(self.config.heads)), dtype=torch.float32,
                               device=self.device)
+        local_losses = torch.zeros(n, dtype=torch.float32, device=self.device)
+        targets = val.targets.to(self.device)
         mine = list(range(self.dist.rank, n, self.dist.world))
         micro = self.config.micro_batch or self.config.batch_size
         size = micro if self.config.val_view == "centre" else 1
@@ -334,20 +354,28 @@ class Trainer:
                 else:
                     start, shape = (0, 0, 0), v.shape
                 parts.append(v.crop(start, shape).to(self.device))
-                if self.config.pooling == "brain":
+                if self.config.pooling == "brain" or local_weight > 0:
                     masks.append(v.crop_mask(start, shape))
             x = torch.stack(parts)[:, None]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            cells = model.brain_fractions(torch.stack(masks)).to(self.device) if masks else None
+            brain = model.brain_fractions(torch.stack(masks)).to(self.device) if masks else None
+            cells = brain if self.config.pooling == "brain" else None
             with self.autocast():
-                outputs[idx] = model.pooled(x, cells).float()
+                if local_weight > 0:
+                    assert brain is not None
+                    pooled, local = pooled_and_local(model, x, cells)
+                    outputs[idx] = pooled.float()
+                    local_losses[idx] = self.loss.local_per_sample(
+                        local.float(), targets[idx], brain).float()
+                else:
+                    outputs[idx] = model.pooled(x, cells).float()
         self.dist.all_sum(outputs)
+        self.dist.all_sum(local_losses)
         model.train()
-        targets = val.targets.to(self.device)
+        losses = self.loss.per_sample(outputs, targets) + local_weight * local_losses
         result: dict[str, float | None] = {
-            "val_loss": float(self.loss.per_sample(outputs, targets).mean()),
-            "val_mae": None, "val_accuracy": None,
+            "val_loss": float(losses.mean()), "val_mae": None, "val_accuracy": None,
         }
         for i, head in enumerate(self.config.heads):
             if head == "age" and scaling is not None:
@@ -394,6 +422,7 @@ class Trainer:
             preprocessing["view"] = ("a box of view_xyz voxels centred on the brain mask's "
                                      "bounding box (grown to hold a larger brain)")
         ages = [r.age for r in train.records if r.age is not None]
+        datasets = describe_datasets(train.records, c.data_licence or source.licence)
         return WeightsMeta(
             id=self.out.resolve().name,
             architecture="bagnet3d",
@@ -410,13 +439,17 @@ class Trainer:
                 "images": {"train": len(train.records), "val": len(val.records)},
                 "subjects": {"train": len({r.group for r in train.records}),
                              "val": len({r.group for r in val.records})},
+                "datasets": datasets,
+                "patients": patients_sentence(datasets),
                 "recipe": c.recipe or "defaults (paper hyperparameters)",
                 "task": c.task,
                 "age_range": age_range_with(ages, self._init),
                 "init": self._init,
                 "sexes": {s: sum(r.sex == s for r in train.records) for s in ("F", "M")},
-                "loss": f"{c.age_loss_weight} * MSE(standardised age) + "
-                        f"{c.sex_loss_weight} * BCE(sex logit, female)",
+                "loss": loss_text(c),
+                "local_weight": c.local_weight,
+                "augment": c.augment,
+                "augmentation": augmentation_text(c),
                 "epochs": epochs_done,
                 "epochs_planned": c.epochs,
                 "best_epoch": best_row.get("epoch"),
@@ -435,6 +468,11 @@ class Trainer:
 
     def _write_outputs(self, state: dict[str, Any], history: list[dict[str, Any]],
                        best: bool, model: BagNet3D, meta: WeightsMeta | None) -> None:
+        """An epoch's files, in an order a kill at any point cannot spoil: the weights of a best
+        epoch first, then the checkpoint that claims them, then metrics.tsv. A kill before the
+        checkpoint lands resumes from the previous epoch and rewrites the same weights; a kill
+        after it finds them already written (the checkpoint never claims weights that are not
+        on disk, which left stale weights that resume never rewrote)."""
         if not self.dist.main:
             return
         # the best weights before the checkpoint that counts their epoch done: a kill between
@@ -464,6 +502,7 @@ class Trainer:
         if ckpt is not None:
             self._merge_resumed_config(ckpt)
             self._resolve_speed_options()
+            self.loss = LossSpec(c.heads, c.age_loss_weight, c.sex_loss_weight, c.local_weight)
             finished = self._finished(ckpt)
             if finished is not None:
                 return finished
@@ -578,6 +617,8 @@ class Trainer:
         if done < c.epochs or int(ckpt["step"]) or not weights.exists():
             return None
         history, best = list(ckpt["history"]), ckpt["best"]
+        if self.dist.main:  # a kill after the last checkpoint may have left it one row short
+            write_metrics(self.out / "metrics.tsv", history)
         self.reporter.message(f"nothing to do: {done} of {c.epochs} epochs done "
                               f"({self._checkpoint_path()}); pass a larger --epochs to train on")
         return TrainResult(
@@ -623,17 +664,22 @@ class Trainer:
                 idx = [batch[k] for k in mine]
                 my_views = [views[k] for k in mine]
                 x = make_batch(volumes, idx, my_views, c.crop, self.device, self.channels_last)
-                cells = None
-                if c.pooling == "brain" or c.intensity_jitter > 0:
+                cells = brain = None
+                if (c.pooling == "brain" or c.intensity_jitter > 0 or c.augment > 0
+                        or c.local_weight > 0):
                     masks = make_masks(volumes, idx, my_views, c.crop)
                     x = jitter_intensity(x, masks, c.intensity_jitter, gen)
-                    if c.pooling == "brain":
-                        cells = model.brain_fractions(masks).to(self.device)
+                    if c.augment > 0:
+                        x = augment_views(x, masks, volumes, batch, mine, gen, c.augment,
+                                          self.channels_last)
+                    if c.pooling == "brain" or c.local_weight > 0:
+                        brain = model.brain_fractions(masks).to(self.device)
+                        cells = brain if c.pooling == "brain" else None
                 targets = targets_all[idx]
                 loss_sum = accumulate_gradients(
                     net, x, targets, self.loss, c.micro_batch,
                     denominator=len(batch) / self.dist.world, autocast=self.autocast,
-                    no_sync=no_sync, weights=weights, cells=cells)
+                    no_sync=no_sync, weights=weights, cells=cells, brain=brain)
                 del x
                 stats = torch.stack([loss_sum.float(),
                                      torch.tensor(float(self.stop.set), device=self.device)])
