@@ -326,6 +326,31 @@ def _check_collisions(items: Sequence[ScanInput], hint: str) -> None:
                 )
 
 
+def check_output_names(items: Sequence[ScanInput], out: Path | None) -> None:
+    """Refuse, before anything is written, an input whose subject or session name cannot name a
+    folder inside ``out``: empty, ``.`` or ``..`` (file names such as ``...nii.gz``), or a
+    location that resolves outside it."""
+    for item in items:
+        parts = item.location.folder.parts
+        name = item.location.folder.as_posix() if item.location.prefix else item.subject
+        bad = [p for p in (item.subject, item.session) if p is not None
+               and p.strip() in ("", ".", "..")]
+        bad += [p for p in parts if p.strip() in ("", ".", "..")]
+        why = ""
+        if bad or not parts or item.location.folder.is_absolute():
+            why = f"the subject or session name {bad[0] if bad else name!r}"
+        elif out is not None:
+            root = Path(out).resolve()
+            target = (Path(out) / item.location.folder).resolve()
+            if target == root or root not in target.parents:
+                why = f"the output folder {target}, outside --out"
+        if why:
+            raise UsageError(
+                f"{item.path}: its file name gives {why}, which cannot hold its results"
+                + (f" inside --out {out}" if out is not None else "")
+                + "; nothing was written: rename the file (e.g. scan01_T1w.nii.gz)")
+
+
 def discover(
     inputs: Sequence[Path],
     out: Path | None = None,
@@ -363,6 +388,7 @@ def discover(
             masks = {mask_for(mask_pattern, i).resolve() for i in found.items}
             found.items = [i for i in found.items if i.path.resolve() not in masks]
         found.items = [_with_mask(i, mask_pattern) for i in found.items]
+        check_output_names(found.items, out)
         _check_collisions(found.items, "rename one of them")
         return found
 
@@ -390,6 +416,7 @@ def discover(
             item = replace(ScanInput.single(entry.image, entry.mask),
                            demographics=entry.demographics)
             items.append(_with_mask(item, mask_pattern) if entry.mask is None else item)
+        check_output_names(items, out)
         _check_collisions(items, "predict their folder instead (it mirrors sub-folders) or "
                           "use different --out folders")
         return Discovery("list", items, root=list_file)
@@ -401,6 +428,7 @@ def discover(
             continue
         seen.add(image.resolve())
         items.append(_with_mask(ScanInput.single(image, mask), mask_pattern))
+    check_output_names(items, out)
     _check_collisions(items, "rename one or predict them into different --out folders")
     return Discovery("files", items)
 
