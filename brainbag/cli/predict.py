@@ -192,7 +192,7 @@ def predict(
                   soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     summary = summarize(records, time.perf_counter() - t0)
-    batch = len(records) > 1 or bool(summary.resumed)
+    batch = len(records) > 1  # one input prints the same whether it ran now or earlier
     if len(records) <= MAX_TABLE_ROWS:
         _print_table(console, records, out, footer=not batch)
     if batch:
