@@ -242,6 +242,8 @@ def reading_text(row: dict[str, Any]) -> tuple[str, str]:
             gap += f" (bias-corrected {_signed(row.get('brain_age_gap_corrected'))})"
     if _present(row.get("recorded_sex")):
         gap += (" · " if gap else "") + f"recorded sex {row.get('recorded_sex')}"
+        if _present(row.get("sex_note")):
+            gap += f" (model calls {row.get('sex_call')})"
     return "   ·   ".join(parts), gap
 
 
