@@ -200,6 +200,7 @@ def run_evaluate(
     from brainbag.person.clinical import map_spread
     from brainbag.run.scan import interpret, run_weights
     from brainbag.weights.file import load_weights
+    from brainbag.weights.resolve import training_statistic
 
     settings.validate()
     _, records = select_records(settings)
@@ -209,7 +210,8 @@ def run_evaluate(
     notes: list[MaskNote] = []
     # the checks judge the images by the first weights file's voxel size and brain view
     checks = check_records(records, settings, loaded[0].meta.voxel_mm, loaded[0].meta.view,
-                           notes, device)
+                           notes, device,
+                           training_statistic(loaded[0].meta.training, "bias_field"))
     masks = describe_sources(notes)
     taken: set[str] = set()
     results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
@@ -253,12 +255,13 @@ def run_evaluate(
 def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
                   voxel_mm: float = 1.0, view: tuple[int, int, int] | None = None,
                   notes: list[MaskNote] | None = None, device: str = "cpu",
-                  ) -> list[CheckReport]:
+                  bias_field: dict[str, Any] | None = None) -> list[CheckReport]:
     """Choose every image's brain mask as predict does (stripping heads into the settings'
     mask cache) and run predict's input checks with it, before any inference, so a bad image
     stops the evaluation at once (with the line predict would print) unless ``settings.force``.
     An image that cannot be read, or whose stripped mask is implausible, stops it even with
-    ``--force``. ``notes`` gets where each image's mask came from."""
+    ``--force``. ``notes`` gets where each image's mask came from; ``bias_field`` is the first
+    weights' record of their training images' bias fields."""
     from brainbag.image.checks import CheckOptions, run_checks
 
     reports = []
@@ -268,7 +271,7 @@ def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
         if notes is not None:
             notes.append(choice.note())
         options = CheckOptions(mask=record.mask, mode=settings.inference.mode,
-                               voxel_mm=voxel_mm, view_xyz=view,
+                               voxel_mm=voxel_mm, view_xyz=view, bias_field=bias_field,
                                stripped=choice.label if choice.strip is not None else None)
         reports.append(run_checks(record.t1w, options, loaded=loaded, mask=choice.mask,
                                   head_litres=choice.head_litres))
