@@ -19,7 +19,6 @@ from brainbag.image.checks import (
     CHECK_NAMES,
     CheckOptions,
     CheckReport,
-    find_images,
     run_checks,
 )
 
@@ -363,17 +362,19 @@ def test_bias_field_on_the_same_real_scan_before_and_after_n4() -> None:
     assert raw.status == "warn" and raw.values["field_range"] > 0.25
 
 
-def test_find_images_walks_folders(tmp_path: Path) -> None:
+def test_check_finds_the_images_of_folders_and_files(tmp_path: Path) -> None:
+    from brainbag.run.discover import discover_checks
+
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / ".hidden").mkdir()
     for name in ("a/x.nii.gz", "a/b/y.mgz", "a/b/z.nii", "a/notes.txt", ".hidden/h.nii.gz"):
         (tmp_path / name).write_bytes(b"")
-    found = find_images([tmp_path / "a", tmp_path / "single.nii.gz"])
-    rel = [os.path.relpath(p, tmp_path) for p in found]
+    found = discover_checks([tmp_path / "a", tmp_path / "single.nii.gz"]).items
+    rel = [os.path.relpath(i.path, tmp_path) for i in found]
     assert rel == ["a/b/y.mgz", "a/b/z.nii", "a/x.nii.gz", "single.nii.gz"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no .nii"):
-        find_images([tmp_path / "empty"])
+        discover_checks([tmp_path / "empty"])
 
 
 @pytest.mark.parametrize(

@@ -42,15 +42,36 @@ def _flags_without_type(params: list[Any]) -> list[Any]:
     return params
 
 
+def reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs as one line each: Typer's rich help keeps the source's line
+    breaks, which left ragged lines (a short line after every break) at any terminal width."""
+    if not text:
+        return text
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 class Command(TyperCommand):
-    """A brainbag command: its flags show no value type in ``--help``."""
+    """A brainbag command: its flags show no value type in ``--help``, and its help text wraps
+    to the terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))
 
 
 class Group(TyperGroup):
-    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type."""
+    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type, and help
+    texts wrap to the terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))

@@ -32,7 +32,6 @@ from brainbag.image.io import (
     check_pixdim,
     declared_size,
     format_mm,
-    is_image_path,
     load_image,
     read_header,
 )
@@ -728,36 +727,3 @@ def run_checks(
             results.append(CheckResult(name, "fail", str(exc), "", ""))
     read_error = ctx._errors.get("loaded") if loaded is None else None
     return CheckReport(Path(path), results, time.perf_counter() - t0, ctx.n4, read_error)
-
-
-def find_images(paths: list[Path]) -> list[Path]:
-    """Files as given, and the .nii, .nii.gz and .mgz files found by walking folders (sorted;
-    hidden files and folders skipped). A folder without images is an error."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            found.append(path)
-            continue
-        images = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and is_image_path(p)
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not images:
-            raise InputError(f"folder {path} holds no .nii, .nii.gz or .mgz files")
-        found += images
-    return found
-
-
-def check_inputs(
-    paths: list[Path], options: CheckOptions,
-    on_report: Callable[[CheckReport], None] | None = None,
-) -> list[CheckReport]:
-    """Run the checks on every image in ``paths`` (files or folders); one report per image."""
-    reports = []
-    for path in find_images(paths):
-        report = run_checks(path, options)
-        reports.append(report)
-        if on_report is not None:
-            on_report(report)
-    return reports

@@ -90,6 +90,8 @@ class ConsoleObserver:
             line += (f"; {len(plan.resumed)} done before with the same input, weights and "
                      f"settings (skipped); {self.total} to run")
         self.console.print(escape(line), soft_wrap=True, highlight=False)
+        for note in d.notes:
+            self.console.print(escape(note), soft_wrap=True, highlight=False)
         if d.ignored:
             names = ", ".join(p.name for p in d.ignored[:5])
             names += " ..." if len(d.ignored) > 5 else ""
