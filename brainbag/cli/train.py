@@ -10,13 +10,18 @@ import typer
 
 from brainbag.cli.common import (
     EXIT_INTERRUPTED,
+    CacheDirOpt,
     Device,
+    ManifestOpt,
     Mode,
+    OfflineOpt,
     PrecisionOpt,
     _console,
     _exit_on_errors,
     _train_default,
+    fail,
 )
+from brainbag.errors import EXIT_USAGE, UsageError
 
 
 class Task(str, Enum):
@@ -322,8 +327,16 @@ def crossval_tables(m: dict[str, Any], leave_one_dataset_out: bool) -> list[Any]
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
     weights: Annotated[
-        list[Path], typer.Option("--weights", help="Weights file; repeat to compare several.")
-    ],
+        list[str] | None,
+        typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
+                     "a .safetensors file, as for predict; repeat to compare several "
+                     "\\[default: the manifest's default for --rf]."),
+    ] = None,
+    rf: Annotated[
+        int | None,
+        typer.Option("--rf", help="Receptive field: 9, 17, 33 or 177; without --weights, the "
+                     "manifests' default weights for it \\[default: 9, or the RF of --weights]."),
+    ] = None,
     split: Annotated[
         SplitName, typer.Option("--split", help="Which images: all, or one split (from "
                                 "--split-file or the splits.tsv beside the first weights).")
@@ -353,13 +366,20 @@ def evaluate(
                      "stripped masks, one per image, e.g. a training run's brain_masks "
                      "\\[default: OUT/brain_masks]."),
     ] = None,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.network.inference import InferenceSettings
+    from brainbag.network.model import RF_KERNEL3
     from brainbag.train.evaluate import EvaluateSettings, run_evaluate, table_rows
 
+    if rf is not None and rf not in RF_KERNEL3:
+        fail(UsageError(f"--rf must be one of {sorted(RF_KERNEL3)}, got {rf}"), EXIT_USAGE)
     settings = EvaluateSettings(
-        data=data, weights=tuple(weights), split=split.value, split_file=split_file, out=out,
+        data=data, weights=tuple(weights or ()), rf=rf, manifests=tuple(manifest or ()),
+        cache_dir=cache_dir, offline=offline, split=split.value, split_file=split_file, out=out,
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
                                     device=device.value, precision=precision.value),

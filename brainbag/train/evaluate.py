@@ -57,7 +57,13 @@ class EvaluateSettings:
     """What ``brainbag evaluate`` was asked to do."""
 
     data: Path
-    weights: tuple[Path, ...]
+    #: ``--weights``: manifest ids or weights files (Path or str), resolved as ``predict`` does;
+    #: () = the manifests' default for ``rf``
+    weights: tuple[str | Path, ...] = ()
+    rf: int | None = None
+    manifests: tuple[Path, ...] = ()
+    cache_dir: Path | None = None
+    offline: bool = False
     split: str = "all"
     split_file: Path | None = None
     out: Path = Path("brainbag-eval")
@@ -74,9 +80,18 @@ class EvaluateSettings:
     def validate(self) -> None:
         if self.split not in ("all", "train", "val", "test"):
             raise UsageError(f"--split must be all, train, val or test, got {self.split!r}")
-        if not self.weights:
-            raise UsageError("give at least one --weights file")
         self.inference.validate()
+
+    def load_weights(self) -> list[Any]:
+        """Every ``--weights`` (or the default for ``--rf``), through the resolver ``predict``
+        uses (:func:`brainbag.weights.resolve.open_weights`): verified, then loaded."""
+        from brainbag.weights.hub import HubSettings
+        from brainbag.weights.resolve import open_weights
+
+        hub = HubSettings.from_env(cache_dir=self.cache_dir, offline=self.offline)
+        specs = self.weights or (None,)
+        return [open_weights(None if s is None else str(s), self.rf, self.manifests, hub)
+                for s in specs]
 
 
 @dataclass
@@ -159,15 +174,17 @@ def sex_metrics(female: Sequence[bool], p_female: Sequence[float]) -> dict[str, 
 # --- the run -----------------------------------------------------------------------------------
 
 
-def select_records(settings: EvaluateSettings) -> tuple[DataSource, list[ImageRecord]]:
-    """The images to evaluate: all of DATA, or one split of it."""
+def select_records(settings: EvaluateSettings, first_weights: Path
+                   ) -> tuple[DataSource, list[ImageRecord]]:
+    """The images to evaluate: all of DATA, or one split of it (by ``--split-file``, else the
+    ``splits.tsv`` beside the first weights file)."""
     split_file = settings.split_file
     if settings.split != "all" and split_file is None:
-        beside = settings.weights[0].parent / "splits.tsv"
+        beside = first_weights.parent / "splits.tsv"
         if not beside.is_file():
             raise UsageError(
                 f"--split {settings.split} needs to know the split: pass --split-file (a split "
-                f"folder or a run's splits.tsv); none found beside {settings.weights[0]}")
+                f"folder or a run's splits.tsv); none found beside {first_weights}")
         split_file = beside
     if split_file is not None and not split_file.exists():
         raise InputError(f"split file not found: {split_file}")
@@ -199,12 +216,11 @@ def run_evaluate(
     from brainbag.network.inference import resolve_device
     from brainbag.person.clinical import map_spread
     from brainbag.run.scan import interpret, run_weights
-    from brainbag.weights.file import load_weights
     from brainbag.weights.resolve import training_statistic
 
     settings.validate()
-    _, records = select_records(settings)
-    loaded = [load_weights(p) for p in settings.weights]
+    loaded = settings.load_weights()
+    _, records = select_records(settings, loaded[0].path)
     device = str(resolve_device(settings.inference.device))
     cache = settings.cache()
     notes: list[MaskNote] = []
@@ -214,7 +230,7 @@ def run_evaluate(
                            training_statistic(loaded[0].meta.training, "bias_field"))
     masks = describe_sources(notes)
     taken: set[str] = set()
-    results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
+    results = [WeightsResult(w.path, _label(w.path, w.id, taken), w.meta.rf,
                              list(w.meta.heads), [], {}, masks) for w in loaded]
     for k, record in enumerate(records):
         if on_image is not None:
