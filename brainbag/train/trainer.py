@@ -668,7 +668,7 @@ class Trainer:
                 if (c.pooling == "brain" or c.intensity_jitter > 0 or c.augment > 0
                         or c.local_weight > 0):
                     masks = make_masks(volumes, idx, my_views, c.crop)
-                    x = jitter_intensity(x, masks, c.intensity_jitter, gen)
+                    x = jitter_intensity(x, masks, c.intensity_jitter, gen, mine, len(batch))
                     if c.augment > 0:
                         x = augment_views(x, masks, volumes, batch, mine, gen, c.augment,
                                           self.channels_last)
