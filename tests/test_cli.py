@@ -99,10 +99,10 @@ def test_help_paragraphs_wrap_without_ragged_lines(command: tuple[str, ...],
 
 
 def test_train_help_shows_the_configuration_defaults() -> None:
-    from brainbag.train.config import TrainConfig
+    from brainbag.train.config import default_config
 
     text = _help("train")
-    c = TrainConfig()
+    c = default_config()  # the defaults with the default recipe (the shipped weights')
     for option, value in (("--epochs", c.epochs), ("--rf", c.rf), ("--lr", c.lr),
                           ("--seed", c.seed), ("--workers", c.workers),
                           ("--crop", " ".join(map(str, c.crop)))):

@@ -24,11 +24,11 @@ def _default(text: str) -> str:
 
 
 def _train_default(key: str) -> str:
-    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.train.config.TrainConfig`
-    default, so the help cannot drift from the configuration."""
-    from brainbag.train.config import TrainConfig
+    """``[default: ...]`` of a ``train`` option: its value in the configuration ``train`` uses
+    without options (the defaults and the default recipe), so the help cannot drift from it."""
+    from brainbag.train.config import default_config
 
-    value = getattr(TrainConfig(), key)
+    value = getattr(default_config(), key)
     if isinstance(value, bool):
         return _default("on" if value else "off")
     return _default(" ".join(map(str, value)) if isinstance(value, list) else str(value))

@@ -71,8 +71,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/brainbag"),
     recipe: Annotated[
         str | None,
-        typer.Option("--recipe", help="Recipe name in training/recipes (e.g. camcan-paper) or a "
-                     ".toml path \\[default: the paper's hyperparameters]."),
+        typer.Option("--recipe", help="A recipe shipped with brainbag (ixi-open-v1; "
+                     "camcan-paper: the paper's; finetune-small, with --init) or a .toml path "
+                     "\\[default: ixi-open-v1, the recipe of the shipped weights]."),
     ] = None,
     split: Annotated[
         Path | None,
@@ -158,7 +159,8 @@ def train(
         bool, typer.Option("--resume", help="Continue the run in --out from its last.ckpt.")
     ] = False,
 ) -> None:
-    """Train a BagNet-3D (the seed recipe by default) into a run folder."""
+    """Train a BagNet-3D into a run folder, by default with the recipe of the shipped weights
+    (ixi-open-v1); flags override the recipe."""
     from brainbag.train.config import resolve
 
     flags = {
@@ -202,13 +204,15 @@ def crossval(
                        "(the table's 'dataset' column, else its folder name), 'site' and "
                        "'group'.")],
     folds: Annotated[
-        Path | None, typer.Option("--folds", help="Folds TSV (participant_id, fold); made "
+        Path | None, typer.Option("--folds", help="Folds TSV (participant_id, fold), or the "
+                                  "name of folds shipped with brainbag (ixi-5fold); made "
                                   "(stratified by data set, site, group and age; --k, --seed) "
                                   "when it does not exist \\[default: OUT/folds.tsv].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "runs/crossval"),
     recipe: Annotated[
-        str | None, typer.Option("--recipe", help="Training recipe (as for train).")] = None,
+        str | None, typer.Option("--recipe", help="Training recipe, as for train \\[default: "
+                                 "ixi-open-v1].")] = None,
     rf: Annotated[int | None, typer.Option("--rf", help="Receptive field (overrides the "
                                            "recipe).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per fold (overrides "
@@ -240,7 +244,7 @@ def crossval(
     reported per data set, site and group next to two baselines fitted on the same training
     folds, the per-site training mean and a morphometric ridge regression (resumable)."""
     from brainbag.errors import UsageError
-    from brainbag.train.config import resolve
+    from brainbag.train.config import find_folds, resolve
     from brainbag.train.crossval import run_crossval
     from brainbag.train.record import ConsoleReporter
     from brainbag.train.trainer import run_training
@@ -268,7 +272,8 @@ def crossval(
 
     with _exit_on_errors():
         try:
-            result = run_crossval(data, folds, config, out, k=k, seed=seed, train=train_fold,
+            result = run_crossval(data, find_folds(folds) if folds is not None else None,
+                                  config, out, k=k, seed=seed, train=train_fold,
                                   on_fold=on_fold, leave_one_dataset_out=leave_one_dataset_out,
                                   train_groups=groups, on_message=on_message)
         except KeyboardInterrupt:
