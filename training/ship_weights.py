@@ -181,6 +181,9 @@ def ship(run: Path, crossval: Path, weights_id: str, lodo: Path | None = None,
             "local_weight": meta.training.get("local_weight"),
             "augment": meta.training.get("augment"),
             "precision": meta.training.get("precision"),
+            # what `brainbag check` judges scans against without loading the file
+            **({"statistics": meta.training["statistics"]}
+               if meta.training.get("statistics") else {}),
         },
         licence=licence, metrics=metrics_list(cv, command, lodo_cv, lodo_command),
         trained=True, default=default,

@@ -662,16 +662,18 @@ def check_bias_field(ctx: CheckContext) -> CheckResult:
                        verdict.hint, {**verdict.values, "seconds": estimate.seconds})
 
 
-def measure_bias_field(path: Path, mask: Path | None = None) -> float | None:
+def measure_bias_field(path: Path, mask: Path | None = None, loaded: LoadedImage | None = None,
+                       brain: np.ndarray | None = None) -> float | None:
     """The bias-field check's statistic of one scan (None when the check cannot run: no usable
-    brain mask), as recorded for the training images of new weights."""
+    brain mask), as recorded for the training images of new weights. ``loaded`` and ``brain``
+    (a mask array on its grid, e.g. one made by skull stripping) stand for the files."""
     from brainbag.image.fixes import estimate_bias
 
-    ctx = CheckContext(Path(path), CheckOptions(mask=mask))
+    ctx = CheckContext(Path(path), CheckOptions(mask=mask), loaded, brain)
     try:
-        brain = ctx.usable_brain()
-        loaded = ctx.loaded()
-        return estimate_bias(loaded.image.data, brain.mask, loaded.zooms).range
+        usable = ctx.usable_brain()
+        image = ctx.loaded()
+        return estimate_bias(image.image.data, usable.mask, image.zooms).range
     except (Skip, InputError):
         return None
 
