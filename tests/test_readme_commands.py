@@ -20,7 +20,8 @@ runner = CliRunner()
 
 
 def _readme_command(marker: str) -> str:
-    """The command in the code fence after ``<!-- marker -->`` in README.md."""
+    """The text in the code fence after ``<!-- marker -->`` in README.md (a command, or
+    the demo's output)."""
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     start = lines.index(f"<!-- {marker} -->")
     assert lines[start + 1].startswith("```")
@@ -51,10 +52,12 @@ def test_the_demo_command_can_run_again_and_prints_the_same() -> None:
     words = shlex.split(_readme_command("demo-command").split("&&")[-1])
     assert words[0] == ".venv/bin/brainbag" and words[1] == "predict"
     args = [str(REPO / w) if (REPO / w).is_file() else w for w in words[1:]]
-    first = runner.invoke(app, args)
+    first = runner.invoke(app, args, env={"COLUMNS": "80"})
     assert first.exit_code == 0, first.output
     assert "predicted age" in first.stdout and first.stderr == ""
-    second = runner.invoke(app, args)
+    shown = [line.rstrip() for line in first.stdout.splitlines()]
+    assert shown == _readme_command("demo-output").splitlines()  # the README shows it as it is
+    second = runner.invoke(app, args, env={"COLUMNS": "80"})
     assert second.exit_code == 0, second.output
     assert second.stdout == first.stdout
     assert second.stderr.strip().splitlines() == [

@@ -10,6 +10,7 @@ import typer
 
 from brainbag.cli.common import (
     ManifestOpt,
+    MaskPatternOpt,
     StripOpt,
     StripOption,
     _console,
@@ -29,13 +30,7 @@ def check(
                      "predict. Default: voxels > 0 of the image, or the mask predict would make "
                      "by skull stripping (not run here: those checks are skipped)."),
     ] = None,
-    mask_pattern: Annotated[
-        str | None,
-        typer.Option("--mask-pattern", help="Mask next to each image, as for predict: a "
-                     "template with {stem} {name} {subject} {session} {prefix}, e.g. "
-                     "'{prefix}_mask.nii.gz'. Without it, masks beside the scans named "
-                     "<prefix>_mask (or _brain_mask, _desc-brain_mask) are used."),
-    ] = None,
+    mask_pattern: MaskPatternOpt = None,
     strip: StripOption = StripOpt.auto,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON: a list of objects with "

@@ -230,8 +230,10 @@ N4Opt = Annotated[
 MaskPatternOpt = Annotated[
     str | None,
     typer.Option("--mask-pattern", help="Mask next to each image, as a template with "
-                 "{stem} {name} {subject} {session} {prefix}, e.g. '{stem}_mask.nii.gz' "
-                 "(relative to the image's folder). A missing mask fails that input."),
+                 "{stem} {name} {subject} {session} {prefix}, e.g. '{prefix}_mask.nii.gz' "
+                 "(relative to the image's folder). A missing mask fails that input. Without "
+                 "it, a folder's masks lying beside their scans (<prefix>_mask, _brain_mask or "
+                 "_desc-brain_mask) are used."),
 ]
 JobsOpt = Annotated[
     int, typer.Option("--jobs", "-j", min=0, help="Worker threads that read and preprocess "

@@ -117,8 +117,8 @@ def predict(
     ] = None,
     sex: Annotated[
         RecordedSex | None,
-        typer.Option("--sex", help="Recorded sex of the one input (flags a strong "
-                     "disagreement with the predicted P(female))."),
+        typer.Option("--sex", help="Recorded sex of the one input (noted when the sex call "
+                     "contradicts it, flagged when P(female) strongly does)."),
     ] = None,
     shard: Annotated[
         str | None,
