@@ -93,8 +93,10 @@ def heads(tmp_path_factory) -> Path:
 
 
 def test_check_of_a_batch_is_one_line_per_scan_and_its_problems(heads: Path) -> None:
-    result = runner.invoke(app, ["check", str(heads)], env={"COLUMNS": "80"})
-    assert result.exit_code == 1
+    # --strip never: the head fails its skull check (auto would strip it in predict)
+    result = runner.invoke(app, ["check", str(heads), "--strip", "never"],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"{heads}/IXI012-HH-1211_T1w.nii.gz: fits the model (13 passed)"
     assert lines[1] == (f"{heads}/IXI013-HH-1212_T1w.nii.gz: does not fit the model (2 failed, "
@@ -103,7 +105,8 @@ def test_check_of_a_batch_is_one_line_per_scan_and_its_problems(heads: Path) -> 
     assert lines[3].startswith("  fail brain_mask: ")
     assert lines[-1].endswith("--verbose shows every check")
     assert len(lines) < 12  # 13 checks of two scans were 71 lines at 80 columns
-    verbose = runner.invoke(app, ["check", str(heads), "--verbose"], env={"COLUMNS": "80"})
+    verbose = runner.invoke(app, ["check", str(heads), "--strip", "never", "--verbose"],
+                            env={"COLUMNS": "80"})
     for name in ("file", "size", "dimensions", "header", "orientation", "bias_field"):
         assert re.search(rf"│ {name}\s", verbose.stdout), name  # every row, names not cut
 
