@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from brainbag.files import write_json_atomic
+from brainbag.image.masks import MaskCache
 from brainbag.person.tables import bare
 from brainbag.train.config import find_folds
 from brainbag.train.crossval import (
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = {g for g in args.train_groups.split(",") if g}
     args.out.mkdir(parents=True, exist_ok=True)
     features = load_features(records, args.voxel_mm, args.out / "features.tsv",
-                             lambda text: print(text, file=sys.stderr))
+                             lambda text: print(text, file=sys.stderr),
+                             MaskCache(args.out / "brain_masks"))  # heads stripped as predict
     by_path = {str(r.t1w.resolve()): r for r in records}
     rows = []
     for fold in sorted(set(folds.values())):

@@ -142,6 +142,11 @@ def ship(run: Path, crossval: Path, weights_id: str, lodo: Path | None = None,
     if trained and trained != sorted(cv.get("datasets") or {}):
         print(f"warning: the run trained on {trained}, the cross-validation used "
               f"{sorted(cv.get('datasets') or {})}", file=sys.stderr)
+    groups = {g for d in datasets for g in d.get("groups") or {}}
+    if cv.get("train_groups") and groups - set(cv["train_groups"]):
+        print(f"warning: the run trained on the groups {sorted(groups)}, the cross-validation "
+              f"on {cv['train_groups']} only: its figures describe another training set",
+              file=sys.stderr)
     meta.id = weights_id
     meta.training["crossval"] = {**{k: cv.get(k) for k in CROSSVAL_KEYS}, "command": command}
     if lodo_cv is not None:

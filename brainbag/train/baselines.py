@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from brainbag.image.masks import MaskCache
     from brainbag.train.datasets import ImageRecord
 
 #: the whitened intensities below which a brain voxel counts as CSF-like
@@ -69,11 +70,13 @@ def morphometrics(data: np.ndarray, mask: np.ndarray, voxel_mm: float) -> np.nda
     return np.array([volume, *shares, *(counts / n)], dtype=np.float64)
 
 
-def record_features(record: ImageRecord, voxel_mm: float) -> np.ndarray:
-    """:func:`morphometrics` of one training image, conformed as the network sees it."""
+def record_features(record: ImageRecord, voxel_mm: float, cache: MaskCache | None = None
+                    ) -> np.ndarray:
+    """:func:`morphometrics` of one training image, conformed as the network sees it (a head's
+    stripped mask taken from, or put in, ``cache``)."""
     from brainbag.train.datasets import conform_record
 
-    conformed = conform_record(record, voxel_mm)
+    conformed = conform_record(record, voxel_mm, cache)
     return morphometrics(conformed.image.data, conformed.mask, voxel_mm)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from brainbag.errors import InputError, UsageError
 from brainbag.files import write_json_atomic, write_text_atomic
-from brainbag.image.masks import mask_sources
+from brainbag.image.masks import MaskCache, mask_sources
 from brainbag.network.inference import InferenceSettings
 from brainbag.person.clinical import fit_calibration
 from brainbag.person.tables import bare, read_table
@@ -172,8 +172,8 @@ def _feature_key(r: ImageRecord, voxel_mm: float) -> tuple[str, str, str]:
 
 
 def load_features(records: Sequence[ImageRecord], voxel_mm: float, path: Path,
-                  on_message: Callable[[str], None] | None = None
-                  ) -> dict[tuple[str, str, str], np.ndarray]:
+                  on_message: Callable[[str], None] | None = None,
+                  cache: MaskCache | None = None) -> dict[tuple[str, str, str], np.ndarray]:
     """The morphometric features of every record, measured once and kept in ``path`` (a TSV:
     image, mask, voxel size, features), so a resumed cross-validation does not measure again."""
     known: dict[tuple[str, str, str], np.ndarray] = {}
@@ -185,7 +185,7 @@ def load_features(records: Sequence[ImageRecord], voxel_mm: float, path: Path,
                 known[key] = np.array([float(row[c.lower()]) for c in FEATURES])
     todo = [r for r in records if _feature_key(r, voxel_mm) not in known]
     for n, r in enumerate(todo):
-        known[_feature_key(r, voxel_mm)] = record_features(r, voxel_mm)
+        known[_feature_key(r, voxel_mm)] = record_features(r, voxel_mm, cache)
         if on_message is not None and ((n + 1) % 25 == 0 or n + 1 == len(todo)):
             on_message(f"morphometric features: {n + 1}/{len(todo)} images measured")
     if todo:
@@ -292,10 +292,11 @@ def run_crossval(
 
     by_path = {str(r.t1w.resolve()): r for r in records}
     roots = [p.parent if p.is_file() else p for p in paths]
-    features = load_features(records, config.voxel_mm, out / "features.tsv", on_message)
-    run_train = train or (lambda c, resume: run_training(c, None, resume))
     out.mkdir(parents=True, exist_ok=True)
     masks = Path(config.mask_cache) if config.mask_cache else out / "brain_masks"
+    features = load_features(records, config.voxel_mm, out / "features.tsv", on_message,
+                             MaskCache(masks))
+    run_train = train or (lambda c, resume: run_training(c, None, resume))
     all_rows: list[dict[str, Any]] = []
     per_fold: list[dict[str, Any]] = []
     for n, fold in enumerate(fold_ids):

@@ -283,8 +283,8 @@ def loss_text(c: TrainConfig) -> str:
 
 def augmentation_text(c: TrainConfig) -> str:
     """What was done to the training views, in words (metadata and model card)."""
-    parts = ["random crops" if c.view == "crop" else
-             f"whole-brain view, shifted by up to {c.view_jitter} voxels"]
+    parts = ["random crops" if c.view == "crop" else "whole-brain view" + (
+        f", shifted by up to {c.view_jitter} voxels" if c.view_jitter else "")]
     if c.flip:
         parts.append("left-right flips")
     if c.intensity_jitter > 0:

@@ -302,7 +302,7 @@ BagNet-3D, receptive field {meta.rf} voxels = **{meta.rf_mm:g} mm** at the netwo
 {meta.arch_kwargs.get('width')}, heads {', '.join(meta.heads)}; global prediction pooled over
 {'the brain (masked pooling)' if meta.pooling == 'brain' else 'all map cells'}.
 Trained with brainbag {meta.code_version} by `{command}` (recipe {t.get('recipe')},
-{t.get('epochs')} epochs, seed {t.get('seed')}, {t.get('precision')}).
+epochs: {t.get('epochs')}, seed {t.get('seed')}, {t.get('precision')}).
 Loss: {t.get('loss')}. Training views: {t.get('augmentation', 'not recorded')}.
 
 ## What it was trained on
