@@ -170,3 +170,31 @@ def test_evaluate_takes_weights_ids_files_and_rf(tmp_path: Path) -> None:
     unknown = runner.invoke(app, ["evaluate", str(table), "--weights", "no-such-id-v1",
                                   "--out", str(tmp_path / "e4")])
     assert unknown.exit_code == 1 and "neither a file nor a weights id" in unknown.stderr
+
+
+def test_evaluate_keeps_to_the_thread_budget_as_predict_does(tmp_path: Path) -> None:
+    """`evaluate --threads N` runs on N threads (it took torch's default, every CPU, even on a
+    busy machine, where waiting threads made inference several times slower)."""
+    import nibabel as nib
+    import torch
+    from typer.testing import CliRunner
+
+    from brainbag.cli import app
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = nib.load(str(repo / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"))
+    affine = demo.affine.copy()
+    affine[:3, :3] *= 2
+    nib.save(nib.Nifti1Image(np.asarray(demo.dataobj)[::2, ::2, ::2], affine),
+             str(tmp_path / "ch2bet.nii.gz"))
+    table = tmp_path / "people.tsv"
+    table.write_text("participant_id\tage\tsex\tt1w\nch2bet\t33\tM\tch2bet.nii.gz\n")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = CliRunner().invoke(app, ["evaluate", str(table), "--rf", "9", "--threads", "1",
+                                          "--out", str(tmp_path / "e"), "--no-plot"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from brainbag.cli.common import (
     Mode,
     OfflineOpt,
     PrecisionOpt,
+    ThreadsOpt,
     _console,
     _exit_on_errors,
     _train_default,
@@ -374,6 +375,7 @@ def evaluate(
     manifest: ManifestOpt = None,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.network.inference import InferenceSettings
@@ -387,7 +389,8 @@ def evaluate(
         cache_dir=cache_dir, offline=offline, split=split.value, split_file=split_file, out=out,
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
-                                    device=device.value, precision=precision.value),
+                                    device=device.value, precision=precision.value,
+                                    threads=threads),
         plot=not no_plot, force=force, mask_cache=mask_cache,
     )
     from brainbag.run.progress import StepStatus

@@ -213,12 +213,14 @@ def run_evaluate(
     settings: EvaluateSettings, on_image: Callable[[int, int, ImageRecord], None] | None = None,
 ) -> list[WeightsResult]:
     """Predict every selected image with every weights file and write the figures."""
-    from brainbag.network.inference import resolve_device
+    from brainbag.network.inference import resolve_device, resolve_threads
     from brainbag.person.clinical import map_spread
     from brainbag.run.scan import interpret, run_weights
     from brainbag.weights.resolve import training_statistic
 
     settings.validate()
+    # as predict: no more threads than the CPUs other work leaves idle (--threads, default auto)
+    resolve_threads(settings.inference.threads)
     loaded = settings.load_weights()
     _, records = select_records(settings, loaded[0].path)
     device = str(resolve_device(settings.inference.device))
