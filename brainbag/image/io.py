@@ -399,9 +399,11 @@ def smooth_gaussian(data: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
     in index space, as :func:`resample`)."""
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), np.float32))
-    out = sitk.SmoothingRecursiveGaussian(img, [max(float(s), 1e-6) for s in sigmas])
-    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
+    # SimpleITK reads a C-ordered (i, j, k) array as (z, y, x): the sigmas go reversed and the
+    # result comes back as (i, j, k), with no transposing copy either way
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data, np.float32))
+    out = sitk.SmoothingRecursiveGaussian(img, [max(float(s), 1e-6) for s in reversed(sigmas)])
+    return sitk.GetArrayFromImage(out)
 
 
 def anchored_grid(
@@ -444,17 +446,29 @@ def resample(
     interpolation: Literal["linear", "nearest"] = "linear",
     fill: float = 0.0,
     extrapolate: bool = False,
+    data_start: Sequence[int] = (0, 0, 0),
+    out_start: Sequence[int] = (0, 0, 0),
 ) -> np.ndarray:
     """Resample ``data`` onto a new grid given the index transform from new to old indices.
 
     Uses SimpleITK in index space (unit spacing, identity direction), so the result does not depend
     on world conventions (RAS vs LPS) and oblique or flipped affines need no special case.
     Points outside the old grid get ``fill`` unless ``extrapolate`` (nearest value).
+
+    ``data`` may be a box cut from the old grid, starting at its index ``data_start``, and the
+    result a box of the new grid starting at ``out_start``: the transform is the whole grids'.
+    A sample is then computed as in the whole grids, to the last bit (nearest-neighbour ties
+    fall the same way), when the box spans the new grid's first axis: SimpleITK steps along
+    that axis (its x), accumulating the step from each line's first voxel.
     """
     import SimpleITK as sitk
 
+    # (i, j, k) arrays are SimpleITK's (z, y, x): transposed so that its x, along which it
+    # steps, is our i, as it always was (a transform's near-ties then fall as they always did)
     src = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    src.SetOrigin([float(v) for v in data_start])
     ref = sitk.Image([int(s) for s in out_shape], src.GetPixelID())
+    ref.SetOrigin([float(v) for v in out_start])
     affine = sitk.AffineTransform(3)
     affine.SetMatrix([float(v) for v in transform[:3, :3].ravel()])
     affine.SetTranslation([float(v) for v in transform[:3, 3]])
