@@ -457,25 +457,27 @@ def resample(
 
     ``data`` may be a box cut from the old grid, starting at its index ``data_start``, and the
     result a box of the new grid starting at ``out_start``: the transform is the whole grids'.
-    A sample is then computed as in the whole grids, to the last bit (nearest-neighbour ties
-    fall the same way), when the box spans the new grid's first axis: SimpleITK steps along
-    that axis (its x), accumulating the step from each line's first voxel.
+    Nearest-neighbour samples (ties included) are then the whole grids', to the last bit, when
+    ``data`` spans the old grid's first axis and the result the new grid's: SimpleITK steps
+    along its x axis from each line's first voxel, accumulating the step, and for
+    ``"nearest"`` its x is our first axis, as it always was. Linear samples agree to rounding.
     """
     import SimpleITK as sitk
 
-    # (i, j, k) arrays are SimpleITK's (z, y, x): transposed so that its x, along which it
-    # steps, is our i, as it always was (a transform's near-ties then fall as they always did)
-    src = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    src.SetOrigin([float(v) for v in data_start])
-    ref = sitk.Image([int(s) for s in out_shape], src.GetPixelID())
-    ref.SetOrigin([float(v) for v in out_start])
+    # SimpleITK reads a C-ordered (i, j, k) array as (z, y, x). Linear: passed as it is, the
+    # transform's axes reversed (no transposing copy). Nearest: transposed, so that the
+    # near-ties of a transform fall as they always have.
+    order = [0, 1, 2] if interpolation == "nearest" else [2, 1, 0]
+    src = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(*order[::-1])))
+    src.SetOrigin([float(data_start[a]) for a in order])
+    ref = sitk.Image([int(out_shape[a]) for a in order], src.GetPixelID())
+    ref.SetOrigin([float(out_start[a]) for a in order])
     affine = sitk.AffineTransform(3)
-    affine.SetMatrix([float(v) for v in transform[:3, :3].ravel()])
-    affine.SetTranslation([float(v) for v in transform[:3, 3]])
+    affine.SetMatrix([float(v) for v in transform[np.ix_(order, order)].ravel()])
+    affine.SetTranslation([float(transform[a, 3]) for a in order])
     interp = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
     out = sitk.Resample(src, ref, affine, interp, float(fill), src.GetPixelID(), extrapolate)
-    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
-
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(*order[::-1]))
 
 def resample_masked(
     values: np.ndarray,

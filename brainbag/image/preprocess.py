@@ -158,6 +158,34 @@ def antialias_sigmas(zooms: tuple[float, float, float], spacing: float) -> list[
     return [math.sqrt(max(spacing**2 - z**2, 0.0)) / 2.3548 / z for z in zooms]
 
 
+def _padded_box(values: np.ndarray, brain: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                pad: int, ornt: np.ndarray, dtype: type, whole_r: bool = False,
+                ) -> tuple[np.ndarray, list[int]]:
+    """The brain's box ``lo``..``hi`` of ``values``, one voxel more (for interpolation), zero
+    outside ``brain``, with ``pad`` zeros around it, reoriented to RAS+ (one box-sized copy and
+    its reorienting copy); and the RAS+ index of its first voxel in the whole array padded with
+    ``pad`` zeros. ``whole_r``: along the axis that becomes R, the box spans that padded array."""
+    shape = values.shape
+    start, stop = lo - 1 - pad, hi + 1 + pad  # input indices; the padded array: -pad..n+pad
+    if whole_r:
+        along_r = int(np.flatnonzero(ornt[:, 0] == 0)[0])
+        if ornt[along_r, 1] > 0:
+            start[along_r] = -pad
+        else:
+            stop[along_r] = shape[along_r] + pad
+    box: np.ndarray = np.zeros(tuple(int(b - a) for a, b in zip(start, stop, strict=True)),
+                               dtype=dtype)
+    src = tuple(slice(int(max(a - 1, 0)), int(min(b + 1, n)))
+                for a, b, n in zip(lo, hi, shape, strict=True))
+    dst = tuple(slice(s.start - int(a), s.stop - int(a)) for s, a in zip(src, start, strict=True))
+    np.copyto(box[dst], values[src], where=brain[src])
+    first = [0, 0, 0]
+    for axis in range(3):
+        first[int(ornt[axis, 0])] = pad + int(start[axis] if ornt[axis, 1] > 0 else
+                                              shape[axis] - stop[axis])
+    return reorient(box, ornt), first
+
+
 def conform(
     loaded: LoadedImage, mask: np.ndarray | None = None, allow_resample: bool = True,
     spacing: float = TARGET_SPACING_MM,
@@ -239,31 +267,12 @@ def conform(
     out_shape = (int(out_hi[0] - out_lo[0]), int(out_hi[1] - out_lo[1]),
                  int(out_hi[2] - out_lo[2]))
 
-    # The input's brain box, one voxel more for interpolation, masked, with ``pad`` zeros
-    # around it: what the padded whole array holds near the brain. One copy of the box, then
-    # reoriented (a box-sized copy), so that smoothing and interpolation run on RAS+ axes as
-    # they always have. Along the axis that becomes R (SimpleITK's x, along which it steps from
-    # each line's first voxel) the box starts where the padded array does, so that every line's
-    # first sample is computed exactly as before and nearest-neighbour ties fall the same way.
-    start, stop = lo - 1 - pad, hi + 1 + pad  # in input indices; the padded array: -pad..n+pad
-    along_r = int(np.flatnonzero(ornt[:, 0] == 0)[0])
-    if ornt[along_r, 1] > 0:
-        start[along_r] = -pad
-    else:
-        stop[along_r] = loaded.shape[along_r] + pad
-    work = np.zeros(tuple(int(b - a) for a, b in zip(start, stop, strict=True)),
-                    dtype=np.float32)
-    src = tuple(slice(int(max(a - 1, 0)), int(min(b + 1, n)))
-                for a, b, n in zip(lo, hi, loaded.shape, strict=True))
-    dst = tuple(slice(s.start - int(a), s.stop - int(a)) for s, a in zip(src, start, strict=True))
-    np.copyto(work[dst], data[src], where=brain[src])
-    work_brain = np.zeros(work.shape, dtype=np.uint8)
-    work_brain[dst] = brain[src]
-    work, work_brain = reorient(work, ornt), reorient(work_brain, ornt)
-    first = [0, 0, 0]  # RAS+ index of the box's first voxel in the padded whole array
-    for axis in range(3):
-        first[int(ornt[axis, 0])] = pad + int(start[axis] if ornt[axis, 1] > 0 else
-                                              loaded.shape[axis] - stop[axis])
+    # What the padded whole array holds near the brain, cut out: the data smoothed and
+    # interpolated, the mask on the whole R axis (SimpleITK steps along it from each line's
+    # first voxel: so every nearest-neighbour sample, ties included, is the whole array's).
+    work, first = _padded_box(data, brain, lo, hi, pad, ornt, np.float32)
+    work_brain, first_brain = _padded_box(brain, brain, lo, hi, pad, ornt, np.uint8,
+                                          whole_r=True)
     lift = np.eye(4)
     lift[:3, 3] = pad
     to_padded = lift @ to_ras_grid
@@ -272,7 +281,7 @@ def conform(
         work = smooth_gaussian(work, ras_sigmas)
     values = resample(work, to_padded, out_shape, "linear", fill=0.0, extrapolate=True,
                       data_start=first, out_start=out_lo)
-    inside = resample(work_brain, to_padded, out_shape, "nearest", data_start=first,
+    inside = resample(work_brain, to_padded, out_shape, "nearest", data_start=first_brain,
                       out_start=out_lo) > 0
     to_input = grid_to_input
     affine = loaded.image.affine @ to_input
