@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from conftest import make_affine, rotation, save
 from phantom import head
 
+from brainbag.errors import InputError
 from brainbag.image import fixes
 from brainbag.image.checks import CheckOptions, run_checks
 from brainbag.image.io import (
@@ -198,3 +199,48 @@ def test_the_bias_checks_shrunk_image_is_simpleitks_shrink(shape, zooms) -> None
     shrunk = sitk.Shrink(fixes._to_sitk(data, zooms), list(factors))
     np.testing.assert_array_equal(data[kept], fixes._from_sitk(shrunk))
     assert tuple(origin) == shrunk.GetOrigin()
+
+
+class _CountingInflate:
+    """A zlib decompressor that adds up what it inflates (everything else is the real one's)."""
+
+    inflated = 0
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def decompress(self, data, max_length=0):
+        out = self._inner.decompress(data, max_length)
+        _CountingInflate.inflated += len(out)
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def test_a_gzip_nifti_is_inflated_once_and_its_crc_still_checked(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Loading used to inflate a .nii.gz twice (once to check its CRC to the end, once to read
+    the voxels); now the voxels are read from a stream that is then read to its end."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    data = np.random.default_rng(2).integers(0, 1000, (60, 70, 50)).astype(np.int16)
+    path = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(data, make_affine()), str(path))
+    raw_size = len(gzip.decompress(path.read_bytes()))
+    real = zlib.decompressobj
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a, **k: _CountingInflate(real(*a, **k)))
+    _CountingInflate.inflated = 0
+    loaded = load_image(path)
+    assert _CountingInflate.inflated < 1.2 * raw_size, _CountingInflate.inflated / raw_size
+    np.testing.assert_array_equal(loaded.image.data, data)
+    assert loaded.image.data.flags.c_contiguous
+    monkeypatch.undo()
+    damaged = bytearray(path.read_bytes())
+    damaged[-6] ^= 0xFF  # the CRC, after every voxel
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        load_image(tmp_path / "bad.nii.gz")

@@ -185,8 +185,11 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
             f"{what} {path} has shape {shape[:3]}: a single slice, not a 3D volume"
         )
     try:
-        verify_gzip(path)
-        data = np.asarray(proxy, dtype=np.float32)
+        if isinstance(img, nib.Nifti1Image) and _is_gzip(path):  # NIfTI-2 included
+            data = _read_gzip_nifti(img, path, len(shape) == 4)
+        else:
+            verify_gzip(path)
+            data = np.asarray(proxy, dtype=np.float32)
     except CORRUPT_FILE_ERRORS as exc:
         raise InputError(
             f"{what} {path}: image data could not be read ({_error_name(exc)}: {exc}); "
@@ -203,11 +206,44 @@ def load_image(path: Path, what: str = "input") -> LoadedImage:
         xform_code = sform_code or qform_code or 1
     return LoadedImage(
         path=path,
-        image=Image(np.ascontiguousarray(data), affine),
+        image=Image(c_order(data), affine),
         dtype=str(header.get_data_dtype()),
         sha256=sha256_file(path),
         xform_code=xform_code,
     )
+
+
+def c_order(data: np.ndarray) -> np.ndarray:
+    """``data`` as a C-ordered array. NIfTI stores voxels in Fortran order; copying a 3D array
+    into C order in one go is a cache-unfriendly transpose, so it is copied one (i, k) plane at
+    a time (a few times faster, the same array)."""
+    if data.flags.c_contiguous or data.ndim != 3 or not data.flags.f_contiguous:
+        return np.ascontiguousarray(data)
+    out = np.empty(data.shape, dtype=data.dtype)
+    for j in range(data.shape[1]):
+        out[:, j, :] = data[:, j, :]
+    return out
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _read_gzip_nifti(img: Any, path: Path, single_volume_4d: bool) -> np.ndarray:
+    """The voxels of a gzip-compressed NIfTI as float32, decompressed once: nibabel reads them
+    from a gzip stream that is then read to its end, so that the CRC and length of every member
+    are checked (what :func:`verify_gzip` does in a pass of its own). Raises like it."""
+    import gzip
+
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+        image = type(img).from_file_map(
+            {"image": nib.FileHolder(filename=str(path), fileobj=stream)})
+        proxy = image.dataobj[..., 0] if single_volume_4d else image.dataobj
+        data = np.asarray(proxy, dtype=np.float32)
+        while stream.read(1 << 20):  # bounded reads: trailing data costs no memory
+            pass
+    return data
 
 
 def _error_name(exc: BaseException) -> str:
