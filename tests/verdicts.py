@@ -9,7 +9,8 @@ and a set of synthetic heads that make each check warn or fail (``tests/phantom.
 
 * the status (pass/warn/fail/skip) of every check, judged for the shipped weights (2 mm, brain
   view), of the checks that depend on the options judged for the defaults (1 mm, sliding), and of
-  the bias check with ``--n4`` on a few inputs;
+  the bias check with ``--n4`` on a few inputs; all with ``--strip never`` (a head without a mask
+  is judged, not handed to the skull stripper: whether deepbet is installed does not matter);
 * the age and P(female) the shipped weights predict after ``conform`` (the error's type where
   it cannot be conformed), whatever the checks say (as ``--force`` does);
 * the statistics behind the heuristic checks, for reading margins (not compared).
@@ -151,14 +152,15 @@ def measure(case: Case, weights: LoadedWeights) -> dict[str, Any]:
     """Verdicts, prediction and check statistics for one input."""
     meta = weights.meta
     shipped = CheckOptions(mask=case.mask, voxel_mm=meta.voxel_mm, view_xyz=meta.view,
-                           mode="auto")
+                           mode="auto", strip="never")
     report = run_checks(case.path, shipped)
     checks = {"shipped": _statuses(report),
-              "default": _statuses(run_checks(case.path, CheckOptions(mask=case.mask),
+              "default": _statuses(run_checks(case.path, CheckOptions(mask=case.mask,
+                                                                      strip="never"),
                                               names=OPTION_DEPENDENT))}
     if case.n4:
         n4 = CheckOptions(mask=case.mask, n4=True, voxel_mm=meta.voxel_mm, view_xyz=meta.view,
-                          mode="auto")
+                          mode="auto", strip="never")
         checks["n4"] = _statuses(run_checks(case.path, n4, names=("bias_field",)))
     wanted = {"skull_stripped": ("object_litres",), "brain_mask": ("litres",
               "main_component_fraction"), "anatomy": ("skewness_xyz",),

@@ -277,7 +277,7 @@ class CheckContext:
             source = (f"--mask {self.options.mask.name}" if self.options.mask else
                       f"{self.options.stripped} (skull stripping)" if self.options.stripped
                       else "--mask")
-            return BrainMask(mask, source, float(mask.sum()) * voxel_l, True)
+            return BrainMask(mask, source, float(np.count_nonzero(mask)) * voxel_l, True)
         data = loaded.image.data
         # NaN > 0 is False; only +inf needs the finite test
         mask = (data > 0) if self.value_range().finite else (np.isfinite(data) & (data > 0))

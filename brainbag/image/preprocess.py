@@ -198,10 +198,10 @@ def conform(
 
     The result is that of the plain sequence (zero outside the brain, reorient, pad, smooth,
     resample, mask again, whiten the whole array), computed in fewer passes: only the brain's
-    bounding box (and the margin smoothing and interpolation reach) is read, masked, smoothed and
-    resampled, straight from the input's axes to the output grid (reorienting is an exact
-    permutation, folded into the resampling transform), and everything outside it is filled
-    with the background value at once.
+    bounding box (and the margin smoothing and interpolation reach) is copied, masked,
+    reoriented, smoothed and resampled onto the part of the output grid that can hold brain,
+    and everything else is filled with the background value at once. Without resampling, the
+    whitened brain is written through a reoriented view of the output: no reorienting copy.
     """
     warnings: list[str] = []
     data = loaded.image.data
@@ -229,7 +229,7 @@ def conform(
             f"{spacing:g} mm isotropic: drop --no-resample to let brainbag resample it, "
             "or resample it yourself"
         )
-    sigmas = antialias_sigmas(zooms, spacing)  # per axis of the input array
+    sigmas = antialias_sigmas(voxel_sizes(affine), spacing)  # per RAS+ axis
     # Pad with background first, so that smoothing and interpolation near the array's border
     # see the zeros that lie beyond it, as they would in a scan with a larger field of view:
     # a scan cropped tightly around the brain then conforms like the uncropped one.
@@ -276,9 +276,8 @@ def conform(
     lift = np.eye(4)
     lift[:3, 3] = pad
     to_padded = lift @ to_ras_grid
-    ras_sigmas = antialias_sigmas(voxel_sizes(affine), spacing)
     if max(sigmas) > 0.05:
-        work = smooth_gaussian(work, ras_sigmas)
+        work = smooth_gaussian(work, sigmas)
     values = resample(work, to_padded, out_shape, "linear", fill=0.0, extrapolate=True,
                       data_start=first, out_start=out_lo)
     inside = resample(work_brain, to_padded, out_shape, "nearest", data_start=first_brain,

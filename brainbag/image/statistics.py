@@ -103,12 +103,14 @@ def head_object_litres(data: np.ndarray, zooms: tuple[float, float, float],
     positive voxels are tissue; tissue with every enclosed cavity filled (ventricles; the dark
     skull and CSF inside a scalp), largest connected piece. That is the brain in a skull-stripped
     scan and the whole head in a scan with skull and scalp. ``finite``: the caller knows every
-    voxel is finite (no cleaned copy is made).
+    voxel is finite (else a min and a max tell; a cleaned copy is made only when one is not).
     """
     import SimpleITK as sitk
 
     # at most the axis length: BinShrink refuses a bin larger than the image
     factors = [min(n, max(1, int(round(2.0 / z)))) for n, z in zip(data.shape, zooms, strict=True)]
+    if not finite:  # a min and a max tell whether any voxel is NaN or infinite
+        finite = bool(np.isfinite(data.min()) and np.isfinite(data.max()))
     clean = data if finite else np.where(np.isfinite(data), data, 0)
     small = sitk.BinShrink(_sitk(clean.astype(np.float32, copy=False), zooms), factors[::-1])
     values = _array(small)
