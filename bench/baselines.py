@@ -1,7 +1,7 @@
 """The bar a network must clear, without training one: both crossval baselines on given folds.
 
     python bench/baselines.py ../shared/data/ixi/participants.tsv \
-        --folds training/folds/ixi-5fold.tsv --voxel-mm 2
+        --folds ixi-5fold --voxel-mm 2
     python bench/baselines.py ../shared/data/ixi/participants.tsv \
         ../shared/data/openneuro/participants.tsv --k 5 --train-groups control --voxel-mm 2
     python bench/baselines.py ../shared/data/ixi/participants.tsv \
@@ -25,7 +25,9 @@ import sys
 from pathlib import Path
 
 from brainbag.files import write_json_atomic
+from brainbag.image.masks import MaskCache
 from brainbag.person.tables import bare
+from brainbag.train.config import find_folds
 from brainbag.train.crossval import (
     add_baselines,
     dataset_folds,
@@ -41,7 +43,8 @@ from brainbag.train.datasets import discover_all
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", nargs="+", type=Path)
-    ap.add_argument("--folds", type=Path, help="folds TSV [default: made, stratified]")
+    ap.add_argument("--folds", type=Path, help="folds TSV, or the name of shipped folds "
+                    "(ixi-5fold) [default: made, stratified]")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--leave-one-dataset-out", action="store_true")
@@ -55,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         folds = {bare(r["participant_id"]): r["fold"]
                  for r in dataset_folds(records)[0]}
     elif args.folds:
-        folds = read_folds(args.folds)
+        folds = read_folds(find_folds(args.folds))  # a path, or shipped folds by name
     else:
         folds = {bare(r["participant_id"]): r["fold"]
                  for r in make_folds(records, args.k, args.seed)}
     groups = {g for g in args.train_groups.split(",") if g}
     args.out.mkdir(parents=True, exist_ok=True)
     features = load_features(records, args.voxel_mm, args.out / "features.tsv",
-                             lambda text: print(text, file=sys.stderr))
+                             lambda text: print(text, file=sys.stderr),
+                             MaskCache(args.out / "brain_masks"))  # heads stripped as predict
     by_path = {str(r.t1w.resolve()): r for r in records}
     rows = []
     for fold in sorted(set(folds.values())):

@@ -8,7 +8,9 @@ on, with the ``*_mask`` file) prints the statistic behind each heuristic check:
 * skull_stripped: volume of the largest bright object (litres) against SKULL_OBJECT_LITRES;
 * brain_mask: volume of the brain mask (litres);
 * anatomy: skewness of the brain voxels' world A-P coordinate against MIN_AP_SKEWNESS;
-* bias_field: N4's estimate of the field's variation across the brain against MAX_BIAS;
+* bias_field: N4's estimate of the field's variation across the brain against the range of the
+  default weights' training images (``training.statistics.bias_field``; UNRECORDED_MAX for
+  weights without that record);
 
 then the margins (smallest distance from a threshold, as a ratio) and the run time of
 ``n4_correct`` (the ``--n4`` fix) on one scan. Figures depend on the machine: say which.
@@ -24,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainbag.image.bias import UNRECORDED_MAX, training_range
 from brainbag.image.checks import (
-    MAX_BIAS,
     MIN_AP_SKEWNESS,
     SKULL_OBJECT_LITRES,
     CheckOptions,
@@ -34,6 +36,7 @@ from brainbag.image.checks import (
 from brainbag.image.fixes import estimate_bias, n4_correct
 from brainbag.image.io import format_mm, load_image
 from brainbag.image.preprocess import load_mask
+from brainbag.weights.resolve import input_expectations
 
 SKULL_ON_SAMPLES = {"ch2.nii.gz", "chris_t1.nii.gz", "rorden_t1_mprage.nii.gz"}
 
@@ -87,7 +90,14 @@ def main() -> None:
           f"x{bottom / SKULL_OBJECT_LITRES:.2f} below the smallest head")
     print(f"anatomy: A-P skewness of correctly labelled brains {min(stats['skew']):.3f}-"
           f"{max(stats['skew']):.3f}, threshold {MIN_AP_SKEWNESS}")
-    print(f"bias_field: threshold {100 * MAX_BIAS:.0f} %")
+    expect = input_expectations(None, 9)
+    if expect.bias_field:
+        low, high = training_range(expect.bias_field)
+        print(f"bias_field: the range of {expect.weights_id}'s training images, "
+              f"{100 * low:.1f}-{100 * high:.1f} % (without that record: < "
+              f"{100 * UNRECORDED_MAX:.0f} %)")
+    else:
+        print(f"bias_field: threshold {100 * UNRECORDED_MAX:.0f} % (no training record)")
 
     scan = args.n4 or args.data / "samples" / "beijing_sub08251_mprage_skullstripped.nii.gz"
     loaded = load_image(scan)

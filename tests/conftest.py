@@ -123,6 +123,14 @@ def tiny_weights(tmp_path: Path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def _own_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty folder, never in the folder pytest was started from: a
+    `brainbag predict` without --out writes `brainbag-results/` there, and the README's demo
+    command leaves one in the clone (issue 23)."""
+    monkeypatch.chdir(tmp_path)
+
+
 # -- network isolation and the local test hub ------------------------------------------------
 
 _REAL_CONNECT = socket.socket.connect

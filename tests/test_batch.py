@@ -66,8 +66,8 @@ def by_name(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
     return {Path(r["path"]).name: r for r in rows}
 
 
-def predict(*args: str):
-    return runner.invoke(app, ["predict", *[str(a) for a in args]])
+def predict(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, ["predict", *[str(a) for a in args]], env=env)
 
 
 # --- the tests ---------------------------------------------------------------------

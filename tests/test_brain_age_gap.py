@@ -309,3 +309,40 @@ def test_a_contradicted_recorded_sex_is_flagged_end_to_end(tmp_path: Path, tiny_
         assert any(flag in w for w in _json(out, "s")["warnings"])
         assert flag in read_tsv(out / "predictions.tsv")[0]["warnings"]
         assert "mislabelled or swapped" in " ".join(result.output.split())
+
+
+def test_a_moderately_contradicted_recorded_sex_gets_a_note(tmp_path: Path, tiny_weights
+                                                            ) -> None:
+    """Issue 23, item 8: a man called female at P(female) 0.67 raised nothing, because the flag
+    needs P > 0.9. A recorded sex the sex call contradicts (outside the undetermined band) gets
+    a note in the JSON, the table and the console, milder than the flag (no warning)."""
+    loaded = load_weights(tiny_weights())
+    meta = loaded.meta
+    # the random network's P(female) sits near 0.5: a narrow band makes that a call of F
+    meta.calibration = {**CALIBRATION, "sex": {"undetermined": [0.01, 0.02],
+                                               "mismatch_recorded_female_below": 0.1,
+                                               "mismatch_recorded_male_above": 0.9}}
+    weights = tmp_path / "called.safetensors"
+    save_weights(weights, loaded.model, meta)
+    scans = [brain(tmp_path / "in" / f"{s}.nii.gz", seed=i) for i, s in enumerate("ab")]
+    out = tmp_path / "one"
+    result = predict(scans[0], "--weights", weights, "--out", out, "--sex", "M", *FAST)
+    assert result.exit_code == 0, result.output
+    record = _json(out, "a")
+    assert record["sex_call"] == "F" and 0.1 < record["p_female"] < 0.9
+    note = f"recorded M, model calls F (P(female) {record['p_female']:.2f})"
+    assert record["sex_note"] == note
+    assert not any("recorded sex" in w for w in record["warnings"])  # no flag: a note
+    assert read_tsv(out / "predictions.tsv")[0]["sex_note"] == note
+    line = next(x for x in result.stdout.splitlines() if "recorded sex" in x)
+    assert "M" in line and "model calls F" in line
+    table = tmp_path / "people.tsv"
+    table.write_text("participant_id\tsex\na\tM\nb\tF\n")
+    out = tmp_path / "batch"
+    result = predict(*scans, "--weights", weights, "--out", out, "--participants", table,
+                     *FAST, "--no-png", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {r["subject"]: r for r in read_tsv(out / "predictions.tsv")}
+    assert rows["a"]["sex_note"].startswith("recorded M, model calls F") and not rows["b"][
+        "sex_note"]
+    assert "M: model calls F" in result.stdout  # the batch table's recorded-sex column

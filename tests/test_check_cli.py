@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import brainbag.image.checks
 from brainbag.cli import app
-from brainbag.image.checks import CHECK_NAMES
+from brainbag.image.checks import CHECK_NAMES, CheckReport
 
 runner = CliRunner()
 
@@ -107,18 +107,18 @@ def test_usage_errors_exit_2(scans, tmp_path: Path) -> None:
 
 
 def test_cli_builds_the_check_options(scans, monkeypatch) -> None:
-    seen = {}
+    seen = []
 
-    def fake(paths, options, on_report=None):
-        seen["paths"], seen["options"] = paths, options
-        return []
+    def fake(path, options=None, loaded=None, mask=None, names=None):
+        seen.append((path, options))
+        return CheckReport(path, [], 0.0)
 
-    monkeypatch.setattr(brainbag.image.checks, "check_inputs", fake)
+    monkeypatch.setattr(brainbag.image.checks, "run_checks", fake)
     result = runner.invoke(app, ["check", str(scans["clean"]), "--mask", str(scans["mask"]),
                                  "--n4", "--json"])
     assert result.exit_code == 0, result.output
-    assert seen["paths"] == [scans["clean"]]
-    o = seen["options"]
+    assert [p for p, _ in seen] == [scans["clean"]]
+    o = seen[0][1]
     assert (o.mask, o.n4, o.mode, o.resample) == (scans["mask"], True, "auto", True)
     assert (o.voxel_mm, o.view_xyz) == (2.0, (80, 96, 80))  # the shipped default weights
     assert json.loads(result.stdout) == []

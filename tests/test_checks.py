@@ -19,7 +19,6 @@ from brainbag.image.checks import (
     CHECK_NAMES,
     CheckOptions,
     CheckReport,
-    find_images,
     run_checks,
 )
 
@@ -350,7 +349,7 @@ def test_bias_field_warns(tmp_path: Path) -> None:
     biased = _scan(tmp_path, "biased.nii.gz", bias=world_bias(0.5))
     report = _run(biased, names=("bias_field",))
     result = report.get("bias_field")
-    assert result.status == "warn" and "--n4" in result.hint
+    assert result.status == "warn" and "pass --n4" not in result.hint  # nothing says N4 helps
     assert 0.3 < result.values["field_range"] < 0.7  # true p5-p95 variation of the field: 0.47
     # with n4 the check runs N4 and judges what is left (tested end to end in test_fixes.py)
 
@@ -365,17 +364,19 @@ def test_bias_field_on_the_same_real_scan_before_and_after_n4() -> None:
     assert raw.status == "warn" and raw.values["field_range"] > 0.25
 
 
-def test_find_images_walks_folders(tmp_path: Path) -> None:
+def test_check_finds_the_images_of_folders_and_files(tmp_path: Path) -> None:
+    from brainbag.run.discover import discover_checks
+
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / ".hidden").mkdir()
     for name in ("a/x.nii.gz", "a/b/y.mgz", "a/b/z.nii", "a/notes.txt", ".hidden/h.nii.gz"):
         (tmp_path / name).write_bytes(b"")
-    found = find_images([tmp_path / "a", tmp_path / "single.nii.gz"])
-    rel = [os.path.relpath(p, tmp_path) for p in found]
+    found = discover_checks([tmp_path / "a", tmp_path / "single.nii.gz"]).items
+    rel = [os.path.relpath(i.path, tmp_path) for i in found]
     assert rel == ["a/b/y.mgz", "a/b/z.nii", "a/x.nii.gz", "single.nii.gz"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no .nii"):
-        find_images([tmp_path / "empty"])
+        discover_checks([tmp_path / "empty"])
 
 
 @pytest.mark.parametrize(

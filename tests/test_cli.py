@@ -71,11 +71,38 @@ def test_help_shows_defaults_and_no_value_type_for_flags(command: tuple[str, ...
     assert not re.search(r"\w \.(\s|$)", text), re.findall(r".{30}\w \.", text)
 
 
+COMMANDS = [("predict",), ("merge",), ("check",), ("train",), ("crossval",), ("evaluate",),
+            ("weights",), ("weights", "info"), ("weights", "list"), ("weights", "publish")]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("columns", [80, 120])
+def test_help_paragraphs_wrap_without_ragged_lines(command: tuple[str, ...],
+                                                   columns: int) -> None:
+    """Issue 23: `check --help` and `merge --help` kept the docstring's line breaks, so at 80
+    columns every source line became a full line and a short one ("(the default", "fails")."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    usage = next(i for i, line in enumerate(lines) if "Usage:" in line)
+    box = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+    paragraphs: list[list[str]] = [[]]
+    for line in lines[usage + 1:box]:
+        if line.strip():
+            paragraphs[-1].append(line.strip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    for paragraph in paragraphs:
+        for line, following in zip(paragraph, paragraph[1:], strict=False):
+            # a line is only broken early when the next word would not have fitted on it
+            assert len(line) + 1 + len(following.split()[0]) > columns - 4, (line, following)
+
+
 def test_train_help_shows_the_configuration_defaults() -> None:
-    from brainbag.train.config import TrainConfig
+    from brainbag.train.config import default_config
 
     text = _help("train")
-    c = TrainConfig()
+    c = default_config()  # the defaults with the default recipe (the shipped weights')
     for option, value in (("--epochs", c.epochs), ("--rf", c.rf), ("--lr", c.lr),
                           ("--seed", c.seed), ("--workers", c.workers),
                           ("--crop", " ".join(map(str, c.crop)))):

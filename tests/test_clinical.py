@@ -173,3 +173,18 @@ def test_predicted_age_outside_the_training_range_is_flagged(age, flagged) -> No
                         weights_id="w")
     assert any(w.startswith(f"predicted age {age:.1f} y lies outside the training age range "
                             "20-80 y of weights w") for w in r.warnings) == flagged
+
+
+@pytest.mark.parametrize(("recorded", "p", "note", "flagged"), [
+    ("M", 0.67, "recorded M, model calls F (P(female) 0.67)", False),
+    ("M", 0.95, "recorded M, model calls F (P(female) 0.95)", True),
+    ("F", 0.20, "recorded F, model calls M (P(female) 0.20)", False),
+    ("M", 0.50, None, False),  # undetermined: no call to contradict
+    ("F", 0.67, None, False), (None, 0.67, None, False)])
+def test_a_recorded_sex_the_call_contradicts_gets_a_note(recorded, p, note, flagged) -> None:
+    """Issue 23, item 8: the note is the milder sign (any contradicting call); the flag, a
+    warning, needs P(female) beyond 0.1 / 0.9."""
+    r = read_prediction(age=None, p_female=p, spread=None, chronological_age=None,
+                        recorded_sex=recorded, calibration={}, age_range=None, weights_id="w")
+    assert r.sex_note == note and r.columns()["sex_note"] == note
+    assert any("mislabelled or swapped" in w for w in r.warnings) == flagged

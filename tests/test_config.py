@@ -8,21 +8,23 @@ from brainbag.errors import UsageError
 from brainbag.train.config import TrainConfig, find_recipe, load_recipe, resolve, to_toml, tomllib
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "brainbag" / "train" / "recipes"
 
 
 def test_the_paper_recipe_is_the_seed_recipe() -> None:
     """BAGNET3D.md: crops 160x160x128 (x,y,z), flips, Adam lr 1e-3 eps 1e-5, coupled L2 1e-4,
     500 epochs, lr / 10 every 100, effective batch 16, centre-crop validation."""
     values, path = load_recipe("camcan-paper")
-    assert path == REPO / "training" / "recipes" / "camcan-paper.toml"
+    assert path == RECIPES / "camcan-paper.toml"
     config, explicit = resolve("data", "out", "camcan-paper", {})
     assert config.crop == [160, 160, 128] and config.flip
     assert (config.lr, config.adam_eps, config.weight_decay) == (1e-3, 1e-5, 1e-4)
     assert (config.epochs, config.lr_step_epochs, config.lr_gamma) == (500, 100, 0.1)
     assert config.batch_size == 16 and config.val_view == "centre" and config.grad_clip == 0
-    assert Path(config.split) == REPO / "training" / "splits" / "camcan"
+    assert Path(config.split) == RECIPES / "splits" / "camcan"
     assert config.recipe == "camcan-paper" and "lr" in explicit and "rf" not in explicit
-    # the defaults are the same hyperparameters, so a run without --recipe trains the same way
+    # TrainConfig's defaults are the same hyperparameters (train without --recipe uses the recipe
+    # of the shipped weights instead: test_recipes.py)
     defaults = TrainConfig()
     for key in ("crop", "flip", "lr", "adam_eps", "weight_decay", "epochs", "lr_step_epochs",
                 "lr_gamma", "batch_size", "val_view", "grad_clip"):
@@ -54,9 +56,10 @@ def test_bad_recipes_and_values_are_usage_errors(tmp_path: Path) -> None:
     bad.write_text("epochs = 'many'\n")
     with pytest.raises(UsageError, match="epochs = 'many' should be a int"):
         resolve("d", "o", str(bad), {})
-    bad.write_text("out = 'x'\n")
-    with pytest.raises(UsageError, match="belongs to one run"):
-        resolve("d", "o", str(bad), {})
+    for key in ("out", "data_name", "data_licence"):  # a recipe never names a run's data
+        bad.write_text(f"{key} = 'x'\n")
+        with pytest.raises(UsageError, match=f"'{key}' belongs to one run"):
+            resolve("d", "o", str(bad), {})
     bad.write_text("lr = [\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         resolve("d", "o", str(bad), {})

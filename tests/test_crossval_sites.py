@@ -5,8 +5,10 @@ train, training/ship_weights.py) on tiny synthetic tables named like the real on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
@@ -104,9 +106,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                                   "--out", str(ns.run)])
     assert trained.exit_code == 0, trained.output
     ns.ship = _load_ship_weights()
-    assert ns.ship.main([str(ns.run), str(ns.cv), "--lodo", str(ns.lodo),
-                         "--id", "bagnet3d-rf9-tiny-v2", "--manifest-dir",
-                         str(ns.manifest)]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ns.ship.main([str(ns.run), str(ns.cv), "--lodo", str(ns.lodo),
+                             "--id", "bagnet3d-rf9-tiny-v2", "--manifest-dir",
+                             str(ns.manifest)]) == 0
+    ns.ship_stderr = err.getvalue()
     return ns
 
 
@@ -319,6 +324,8 @@ def test_shipped_weights_say_what_they_are(pipeline: SimpleNamespace) -> None:
                  "site-mean MAE", "morph. MAE", "leave-one-dataset-out", "never saw"):
         assert text in card, text
     assert "ixi-open-v1" not in card and "57 subjects" not in card  # no recipe text
+    # the final run trained on the patients too, the cross-validation on controls only
+    assert "the cross-validation on ['control'] only" in pipeline.ship_stderr
 
 
 def test_the_card_says_when_the_model_is_worse_than_the_training_mean_on_an_unseen_site(

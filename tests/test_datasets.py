@@ -89,7 +89,7 @@ def test_bids_folder_with_sessions_and_masks(tmp_path: Path) -> None:
 
 
 def test_camcan_layout_with_the_shipped_paper_split(tmp_path: Path) -> None:
-    split = REPO / "training" / "splits" / "camcan"
+    split = REPO / "brainbag" / "train" / "recipes" / "splits" / "camcan"
     counts = {name: len((split / f"{name}.csv").read_text().splitlines()) - 1
               for name in ("train", "val", "test")}
     assert counts == {"train": 456, "val": 65, "test": 131}

@@ -85,9 +85,9 @@ def test_a_split_needs_a_split_file(tmp_path: Path) -> None:
     settings = EvaluateSettings(data=table, weights=(tmp_path / "w.safetensors",),
                                 split="test")
     with pytest.raises(UsageError, match="--split test needs.*--split-file"):
-        select_records(settings)
+        select_records(settings, tmp_path / "w.safetensors")
     with pytest.raises(UsageError):
-        EvaluateSettings(data=table, weights=(), split="test").validate()
+        EvaluateSettings(data=table, weights=(), split="nope").validate()
 
 
 def test_the_scatter_fit_and_the_bias_slope_say_the_same_thing() -> None:
@@ -125,3 +125,48 @@ def test_evaluate_reports_progress_when_not_on_a_terminal(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "evaluating 1/2: sub-01" in result.stderr and "evaluating 2/2: sub-02" in result.stderr
     assert "bias slope: slope of the error" in result.stdout
+
+
+def test_evaluate_takes_weights_ids_files_and_rf(tmp_path: Path) -> None:
+    """Issue 23, item 5: `evaluate --weights bagnet3d-rf9-ixi-open-v1` failed with "weights file
+    not found" while predict accepted the id. Every command resolves weights one way."""
+    import json
+    import shutil
+
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from brainbag.cli import app
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = nib.load(str(repo / "brainbag" / "data" / "demo" / "ch2bet.nii.gz"))
+    affine = demo.affine.copy()
+    affine[:3, :3] *= 2  # every second voxel: a 2 mm copy, as the weights see it, checked faster
+    nib.save(nib.Nifti1Image(np.asarray(demo.dataobj)[::2, ::2, ::2], affine),
+             str(tmp_path / "ch2bet.nii.gz"))
+    table = tmp_path / "people.tsv"
+    table.write_text("participant_id\tage\tsex\tt1w\nch2bet\t33\tM\tch2bet.nii.gz\n")
+    bundled = repo / "weights_manifest" / "bagnet3d-rf9-ixi-open-v1.safetensors"
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(bundled, copy)
+    runner = CliRunner()
+    both = runner.invoke(app, ["evaluate", str(table), "--weights", "bagnet3d-rf9-ixi-open-v1",
+                               "--weights", str(copy), "--out", str(tmp_path / "e1"),
+                               "--no-plot"])
+    assert both.exit_code == 0, both.output
+    metrics = [json.loads((tmp_path / "e1" / label / "metrics.json").read_text())
+               for label in ("bagnet3d-rf9-ixi-open-v1", "bagnet3d-rf9-ixi-open-v1-2")]
+    assert [m["weights"] for m in metrics] == [str(bundled), str(copy)]
+    ages = [json.loads((tmp_path / "e1" / m["label"] / "metrics.json").read_text())["age"]["mae"]
+            for m in metrics]
+    assert ages[0] == pytest.approx(ages[1])  # the same weights, found by id and by file
+    default = runner.invoke(app, ["evaluate", str(table), "--rf", "9", "--out",
+                                  str(tmp_path / "e2"), "--no-plot"])
+    assert default.exit_code == 0, default.output
+    assert (tmp_path / "e2" / "bagnet3d-rf9-ixi-open-v1" / "metrics.json").is_file()
+    wrong = runner.invoke(app, ["evaluate", str(table), "--weights", "bagnet3d-rf9-ixi-open-v1",
+                                "--rf", "17", "--out", str(tmp_path / "e3")])
+    assert wrong.exit_code == 2 and "are RF 9 but --rf 17" in wrong.stderr
+    unknown = runner.invoke(app, ["evaluate", str(table), "--weights", "no-such-id-v1",
+                                  "--out", str(tmp_path / "e4")])
+    assert unknown.exit_code == 1 and "neither a file nor a weights id" in unknown.stderr

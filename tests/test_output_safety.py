@@ -169,3 +169,36 @@ def test_a_read_only_output_folder_is_one_line(tmp_path: Path, tiny_weights,
     assert line == (f"error: cannot write in the output folder {out}: Read-only file system; "
                     "choose a writable --out (or fix its permissions)")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["...nii.gz", "..nii", ".nii.gz"])
+def test_a_file_name_that_names_no_folder_is_refused_before_anything_is_written(
+        tmp_path: Path, tiny_weights, name: str) -> None:
+    """Issue 23, item 10: `...nii.gz` gave the subject `..`, so the run tried to move `out/x/..`
+    aside and left an empty `out/x/....old-*` folder behind."""
+    scan = brain(tmp_path / "in" / "a.nii.gz").rename(tmp_path / "in" / name)
+    out = tmp_path / "out" / "x"
+    for inputs in ([scan], [scan, brain(tmp_path / "in" / "b.nii.gz")]):
+        result = predict(*inputs, "--weights", tiny_weights(), "--out", out)
+        line = result.stderr.strip()
+        assert result.exit_code == 2 and "\n" not in line, result.output
+        assert f"{scan}: its file name gives the subject or session name" in line
+        assert "nothing was written: rename the file" in line
+        assert not (tmp_path / "out").exists()
+    listed = tmp_path / "in" / "scans.txt"  # a list file names its inputs the same way
+    listed.write_text(f"{name}\n")
+    result = predict(listed, "--weights", tiny_weights(), "--out", out)
+    assert result.exit_code == 2 and "cannot hold its results" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_location_outside_out_is_refused() -> None:
+    from brainbag.errors import UsageError
+    from brainbag.run.discover import OutputLocation, ScanInput, check_output_names
+
+    inside = ScanInput(Path("a.nii"), "a", OutputLocation(Path("sub/a")))
+    check_output_names([inside], Path("out"))
+    for folder in (Path("../elsewhere"), Path("/abs/olute"), Path("a/../..")):
+        item = ScanInput(Path("a.nii"), "a", OutputLocation(folder))
+        with pytest.raises(UsageError, match="cannot hold its results"):
+            check_output_names([item], Path("out"))

@@ -142,6 +142,11 @@ def ship(run: Path, crossval: Path, weights_id: str, lodo: Path | None = None,
     if trained and trained != sorted(cv.get("datasets") or {}):
         print(f"warning: the run trained on {trained}, the cross-validation used "
               f"{sorted(cv.get('datasets') or {})}", file=sys.stderr)
+    groups = {g for d in datasets for g in d.get("groups") or {}}
+    if cv.get("train_groups") and groups - set(cv["train_groups"]):
+        print(f"warning: the run trained on the groups {sorted(groups)}, the cross-validation "
+              f"on {cv['train_groups']} only: its figures describe another training set",
+              file=sys.stderr)
     meta.id = weights_id
     meta.training["crossval"] = {**{k: cv.get(k) for k in CROSSVAL_KEYS}, "command": command}
     if lodo_cv is not None:
@@ -181,6 +186,9 @@ def ship(run: Path, crossval: Path, weights_id: str, lodo: Path | None = None,
             "local_weight": meta.training.get("local_weight"),
             "augment": meta.training.get("augment"),
             "precision": meta.training.get("precision"),
+            # what `brainbag check` judges scans against without loading the file
+            **({"statistics": meta.training["statistics"]}
+               if meta.training.get("statistics") else {}),
         },
         licence=licence, metrics=metrics_list(cv, command, lodo_cv, lodo_command),
         trained=True, default=default,

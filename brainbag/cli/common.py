@@ -24,11 +24,11 @@ def _default(text: str) -> str:
 
 
 def _train_default(key: str) -> str:
-    """``[default: ...]`` of a ``train`` option: its :class:`~brainbag.train.config.TrainConfig`
-    default, so the help cannot drift from the configuration."""
-    from brainbag.train.config import TrainConfig
+    """``[default: ...]`` of a ``train`` option: its value in the configuration ``train`` uses
+    without options (the defaults and the default recipe), so the help cannot drift from it."""
+    from brainbag.train.config import default_config
 
-    value = getattr(TrainConfig(), key)
+    value = getattr(default_config(), key)
     if isinstance(value, bool):
         return _default("on" if value else "off")
     return _default(" ".join(map(str, value)) if isinstance(value, list) else str(value))
@@ -42,15 +42,36 @@ def _flags_without_type(params: list[Any]) -> list[Any]:
     return params
 
 
+def reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs as one line each: Typer's rich help keeps the source's line
+    breaks, which left ragged lines (a short line after every break) at any terminal width."""
+    if not text:
+        return text
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 class Command(TyperCommand):
-    """A brainbag command: its flags show no value type in ``--help``."""
+    """A brainbag command: its flags show no value type in ``--help``, and its help text wraps
+    to the terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))
 
 
 class Group(TyperGroup):
-    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type."""
+    """The ``brainbag`` and ``brainbag weights`` groups: flags show no value type, and help
+    texts wrap to the terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))
@@ -209,8 +230,10 @@ N4Opt = Annotated[
 MaskPatternOpt = Annotated[
     str | None,
     typer.Option("--mask-pattern", help="Mask next to each image, as a template with "
-                 "{stem} {name} {subject} {session} {prefix}, e.g. '{stem}_mask.nii.gz' "
-                 "(relative to the image's folder). A missing mask fails that input."),
+                 "{stem} {name} {subject} {session} {prefix}, e.g. '{prefix}_mask.nii.gz' "
+                 "(relative to the image's folder). A missing mask fails that input. Without "
+                 "it, a folder's masks lying beside their scans (<prefix>_mask, _brain_mask or "
+                 "_desc-brain_mask) are used."),
 ]
 JobsOpt = Annotated[
     int, typer.Option("--jobs", "-j", min=0, help="Worker threads that read and preprocess "

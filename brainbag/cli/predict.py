@@ -117,8 +117,8 @@ def predict(
     ] = None,
     sex: Annotated[
         RecordedSex | None,
-        typer.Option("--sex", help="Recorded sex of the one input (flags a strong "
-                     "disagreement with the predicted P(female))."),
+        typer.Option("--sex", help="Recorded sex of the one input (noted when the sex call "
+                     "contradicts it, flagged when P(female) strongly does)."),
     ] = None,
     shard: Annotated[
         str | None,
@@ -192,7 +192,7 @@ def predict(
                   soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     summary = summarize(records, time.perf_counter() - t0)
-    batch = len(records) > 1 or bool(summary.resumed)
+    batch = len(records) > 1  # one input prints the same whether it ran now or earlier
     if len(records) <= MAX_TABLE_ROWS:
         _print_table(console, records, out, footer=not batch)
     if batch:
@@ -227,61 +227,35 @@ def _print_shards(console: Any, out: Path) -> None:
 
 def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer: bool = True
                  ) -> None:
+    """The batch table; ids and statuses are never cut: other columns wrap, and below the width
+    the table needs, one line per input instead."""
     from rich.markup import escape
     from rich.table import Table
-
-    from brainbag.run.report import number
 
     if len(records) == 1 and records[0].get("status") == "ok":
         _print_one(console, records[0])
         if footer:
-            console.print(f"results in {out}/ (prediction.json and maps)")
+            console.print(f"results in {escape(str(out))}/ (prediction.json and maps)",
+                          soft_wrap=True)
         return
+    rows = [_table_cells(r) for r in records]
+    shown = [k for k in _CELLS if k in ("subject", "age", "interval", "sex", "rf", "seconds",
+                                        "status") or any(row[k] not in ("", "-") for row in rows)]
     table = Table(title="brainbag predictions", show_lines=False)
-    table.add_column("subject")
-    sessions = any(r.get("session") for r in records)
-    if sessions:
-        table.add_column("session")
-    table.add_column("age (years)", justify="right")
-    table.add_column("90% interval", justify="right")
-    table.add_column("sex (P(female))", justify="right")
-    people = any(r.get("chronological_age") is not None for r in records)
-    if people:
-        table.add_column("chron. age", justify="right")
-        table.add_column("gap", justify="right")
-        table.add_column("corrected gap", justify="right")
-    table.add_column("RF", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("status")
-    for r in records:
-        status = str(r.get("status"))
-        shown = {"ok": "[green]ok[/]", "failed": "[red]failed[/]"}.get(status,
-                                                                       f"[yellow]{status}[/]")
-        if r.get("resumed"):
-            shown += " (earlier run)"
-        if r.get("warnings") and status == "ok":
-            shown += " [yellow](warnings)[/]"
-        interval = "-"
-        if number(r.get("age_interval_low"), 0) != "-":
-            interval = (f"{number(r.get('age_interval_low'), 0)}-"
-                        f"{number(r.get('age_interval_high'), 0)}")
-        sex = "-"
-        if number(r.get("p_female"), 2) != "-":
-            sex = f"{r.get('sex_call') or '?'} ({number(r.get('p_female'), 2)})"
-        table.add_row(
-            escape(str(r.get("subject"))),
-            *([escape(str(r.get("session") or ""))] if sessions else []),
-            number(r.get("age"), 1),
-            interval,
-            sex,
-            *([number(r.get("chronological_age"), 1),
-               number(r.get("brain_age_gap"), 1, sign=True),
-               number(r.get("brain_age_gap_corrected"), 1, sign=True)] if people else []),
-            str(r.get("rf") or "-"),
-            number(r.get("seconds"), 1),
-            shown,
-        )
-    console.print(table)
+    widths = []
+    for key in shown:
+        title, justify, keep = _CELLS[key]
+        # every column at least as wide as its widest cell (and header word): only headers wrap
+        widths.append(max([len(w) for w in title.split()]
+                          + [len(_plain(row[key])) for row in rows]))
+        table.add_column(title, justify=justify, no_wrap=keep, min_width=widths[-1])  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*(row[k] if k == "status" else escape(row[k]) for k in shown))
+    if sum(widths) + 3 * len(widths) + 1 <= console.width:  # cells, padding and borders
+        console.print(table)
+    else:  # too narrow for the table: one line per input, wrapped by the terminal, never cut
+        for row in rows:
+            console.print(_line(row), soft_wrap=True, highlight=False)
     worth = _model_worth(records)
     if worth:
         console.print(worth, soft_wrap=True)
@@ -291,7 +265,94 @@ def _print_table(console: Any, records: list[dict[str, Any]], out: Path, footer:
                       + " and ".join(escape(_SOURCE_NAMES.get(s, f"site calibration {s}"))
                                      for s in sources), soft_wrap=True)
     if footer:
-        console.print(f"results in {out}/ (predictions.tsv, prediction.json and maps per input)")
+        console.print(f"results in {escape(str(out))}/ (predictions.tsv, prediction.json and "
+                      "maps per input)", soft_wrap=True)
+
+
+#: the batch table's cells: title, justification, and whether the cell is never wrapped or cut
+_CELLS = {
+    "subject": ("subject", "left", True),
+    "session": ("session", "left", True),
+    "age": ("age (years)", "right", False),
+    "interval": ("90% interval", "right", False),
+    "sex": ("sex, P(female)", "right", False),
+    "sex_note": ("recorded sex", "left", False),
+    "chronological_age": ("chron. age", "right", False),
+    "gap": ("gap", "right", False),
+    "corrected_gap": ("corrected gap", "right", False),
+    "rf": ("RF", "right", False),
+    "seconds": ("time (s)", "right", False),
+    "status": ("status", "left", True),
+}
+
+
+def _line(row: dict[str, str]) -> str:
+    """One input on one line (rich markup), for consoles too narrow for the table."""
+    from rich.markup import escape
+
+    def known(key: str) -> bool:
+        return row[key] not in ("", "-")
+
+    ids = " ".join(escape(row[k]) for k in ("subject", "session") if row[k])
+    parts = []
+    if known("age"):
+        parts.append(f"age {row['age']} y" + (f" (90% {row['interval']})"
+                                              if known("interval") else ""))
+    if known("sex"):
+        parts.append("sex " + row["sex"].replace("(", "(P(female) "))
+    if known("sex_note"):
+        parts.append(f"recorded {escape(row['sex_note'])}")
+    if known("chronological_age"):
+        parts.append(f"chron. age {row['chronological_age']}")
+    if known("gap"):
+        parts.append(f"gap {row['gap']}" + (f" (corrected {row['corrected_gap']})"
+                                            if known("corrected_gap") else ""))
+    parts.append(f"RF {row['rf']}")
+    if known("seconds"):
+        parts.append(f"{row['seconds']} s")
+    return f"{ids}: {row['status']}; " + ", ".join(parts)
+
+
+def _plain(markup: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(markup).plain
+
+
+def _table_cells(r: dict[str, Any]) -> dict[str, str]:
+    """One input's cells (plain text; ``status`` is rich markup)."""
+    from brainbag.run.report import number
+
+    status = str(r.get("status"))
+    shown = {"ok": "[green]ok[/]", "failed": "[red]failed[/]"}.get(status, f"[yellow]{status}[/]")
+    if r.get("resumed"):
+        shown += " (earlier run)"
+    if r.get("warnings") and status == "ok":
+        shown += " [yellow](warnings)[/]"
+    interval = "-"
+    if number(r.get("age_interval_low"), 0) != "-":
+        interval = (f"{number(r.get('age_interval_low'), 0)}-"
+                    f"{number(r.get('age_interval_high'), 0)}")
+    sex = "-"
+    if number(r.get("p_female"), 2) != "-":
+        sex = f"{r.get('sex_call') or '?'} ({number(r.get('p_female'), 2)})"
+    recorded = str(r.get("recorded_sex") or "")
+    if recorded and r.get("sex_note"):
+        recorded += f": model calls {r.get('sex_call')}"
+    return {
+        "subject": str(r.get("subject")),
+        "session": str(r.get("session") or ""),
+        "age": number(r.get("age"), 1),
+        "interval": interval,
+        "sex": sex,
+        "sex_note": recorded,
+        "chronological_age": number(r.get("chronological_age"), 1),
+        "gap": number(r.get("brain_age_gap"), 1, sign=True),
+        "corrected_gap": number(r.get("brain_age_gap_corrected"), 1, sign=True),
+        "rf": str(r.get("rf") or "-"),
+        "seconds": number(r.get("seconds"), 1),
+        "status": shown,
+    }
 
 
 _SOURCE_NAMES = {"weights": "the weights' own calibration (their cross-validation)"}
@@ -356,7 +417,10 @@ def _print_one(console: Any, r: dict[str, Any]) -> None:
                       f"{number(r['brain_age_gap_corrected'], 1, sign=True)} y",
                       "de Lange & Cole 2020" + (f"; SD {sd:.1f} y in {healthy}" if sd else ""))
     if r.get("recorded_sex") is not None:
-        table.add_row("recorded sex", str(r["recorded_sex"]), "")
+        note = r.get("sex_note")
+        table.add_row("recorded sex", str(r["recorded_sex"]),
+                      f"[yellow]model calls {r.get('sex_call')}[/] (P(female) "
+                      f"{r['p_female']:.2f}): check the record" if note else "")
     if r.get("map_spread") is not None:
         ref = methods.get("map_spread") or {}
         scans = "site controls" if site else "held-out scans"

@@ -10,13 +10,18 @@ import typer
 
 from brainbag.cli.common import (
     EXIT_INTERRUPTED,
+    CacheDirOpt,
     Device,
+    ManifestOpt,
     Mode,
+    OfflineOpt,
     PrecisionOpt,
     _console,
     _exit_on_errors,
     _train_default,
+    fail,
 )
+from brainbag.errors import EXIT_USAGE, UsageError
 
 
 class Task(str, Enum):
@@ -66,8 +71,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/brainbag"),
     recipe: Annotated[
         str | None,
-        typer.Option("--recipe", help="Recipe name in training/recipes (e.g. camcan-paper) or a "
-                     ".toml path \\[default: the paper's hyperparameters]."),
+        typer.Option("--recipe", help="A recipe shipped with brainbag (ixi-open-v1; "
+                     "camcan-paper: the paper's; finetune-small, with --init) or a .toml path "
+                     "\\[default: ixi-open-v1, the recipe of the shipped weights]."),
     ] = None,
     split: Annotated[
         Path | None,
@@ -153,7 +159,8 @@ def train(
         bool, typer.Option("--resume", help="Continue the run in --out from its last.ckpt.")
     ] = False,
 ) -> None:
-    """Train a BagNet-3D (the seed recipe by default) into a run folder."""
+    """Train a BagNet-3D into a run folder, by default with the recipe of the shipped weights
+    (ixi-open-v1); flags override the recipe."""
     from brainbag.train.config import resolve
 
     flags = {
@@ -197,13 +204,15 @@ def crossval(
                        "(the table's 'dataset' column, else its folder name), 'site' and "
                        "'group'.")],
     folds: Annotated[
-        Path | None, typer.Option("--folds", help="Folds TSV (participant_id, fold); made "
+        Path | None, typer.Option("--folds", help="Folds TSV (participant_id, fold), or the "
+                                  "name of folds shipped with brainbag (ixi-5fold); made "
                                   "(stratified by data set, site, group and age; --k, --seed) "
                                   "when it does not exist \\[default: OUT/folds.tsv].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "runs/crossval"),
     recipe: Annotated[
-        str | None, typer.Option("--recipe", help="Training recipe (as for train).")] = None,
+        str | None, typer.Option("--recipe", help="Training recipe, as for train \\[default: "
+                                 "ixi-open-v1].")] = None,
     rf: Annotated[int | None, typer.Option("--rf", help="Receptive field (overrides the "
                                            "recipe).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per fold (overrides "
@@ -235,7 +244,7 @@ def crossval(
     reported per data set, site and group next to two baselines fitted on the same training
     folds, the per-site training mean and a morphometric ridge regression (resumable)."""
     from brainbag.errors import UsageError
-    from brainbag.train.config import resolve
+    from brainbag.train.config import find_folds, resolve
     from brainbag.train.crossval import run_crossval
     from brainbag.train.record import ConsoleReporter
     from brainbag.train.trainer import run_training
@@ -263,7 +272,8 @@ def crossval(
 
     with _exit_on_errors():
         try:
-            result = run_crossval(data, folds, config, out, k=k, seed=seed, train=train_fold,
+            result = run_crossval(data, find_folds(folds) if folds is not None else None,
+                                  config, out, k=k, seed=seed, train=train_fold,
                                   on_fold=on_fold, leave_one_dataset_out=leave_one_dataset_out,
                                   train_groups=groups, on_message=on_message)
         except KeyboardInterrupt:
@@ -322,8 +332,16 @@ def crossval_tables(m: dict[str, Any], leave_one_dataset_out: bool) -> list[Any]
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Data in any layout `brainbag train` reads.")],
     weights: Annotated[
-        list[Path], typer.Option("--weights", help="Weights file; repeat to compare several.")
-    ],
+        list[str] | None,
+        typer.Option("--weights", help="A manifest weights ID (see `brainbag weights list`) or "
+                     "a .safetensors file, as for predict; repeat to compare several "
+                     "\\[default: the manifest's default for --rf]."),
+    ] = None,
+    rf: Annotated[
+        int | None,
+        typer.Option("--rf", help="Receptive field: 9, 17, 33 or 177; without --weights, the "
+                     "manifests' default weights for it \\[default: 9, or the RF of --weights]."),
+    ] = None,
     split: Annotated[
         SplitName, typer.Option("--split", help="Which images: all, or one split (from "
                                 "--split-file or the splits.tsv beside the first weights).")
@@ -353,13 +371,20 @@ def evaluate(
                      "stripped masks, one per image, e.g. a training run's brain_masks "
                      "\\[default: OUT/brain_masks]."),
     ] = None,
+    manifest: ManifestOpt = None,
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Age MAE, RMSE, r, bias; sex accuracy and AUC; per-image TSV and a scatter plot."""
     from brainbag.network.inference import InferenceSettings
+    from brainbag.network.model import RF_KERNEL3
     from brainbag.train.evaluate import EvaluateSettings, run_evaluate, table_rows
 
+    if rf is not None and rf not in RF_KERNEL3:
+        fail(UsageError(f"--rf must be one of {sorted(RF_KERNEL3)}, got {rf}"), EXIT_USAGE)
     settings = EvaluateSettings(
-        data=data, weights=tuple(weights), split=split.value, split_file=split_file, out=out,
+        data=data, weights=tuple(weights or ()), rf=rf, manifests=tuple(manifest or ()),
+        cache_dir=cache_dir, offline=offline, split=split.value, split_file=split_file, out=out,
         inference=InferenceSettings(mode=mode.value, window=tuple(window),  # type: ignore[arg-type]
                                     overlap=overlap, batch_size=batch_size,
                                     device=device.value, precision=precision.value),

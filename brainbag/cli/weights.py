@@ -28,6 +28,10 @@ weights_app = typer.Typer(
 )
 
 
+#: the narrowest the path column of `weights list` gets before the list becomes one line per entry
+PATH_WIDTH = 12
+
+
 def _hub(cache_dir: Path | None, offline: bool) -> Any:
     from brainbag.weights.hub import HubSettings
 
@@ -84,20 +88,35 @@ def weights_list(
     if not statuses:
         _no_entries(catalog)
         return
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="brainbag weights")
-    for column in ("id", "RF", "heads", "default", "trained", "size (MB)", "status", "path"):
-        table.add_column(column)
+    console = _console()
+    rows = []
     for st in statuses:
         e = st.entry
         colour = {"ok": "green", "missing": "yellow", "mismatch": "red"}[st.status]
-        table.add_row(
-            e.id, str(e.rf), ",".join(e.heads), "yes" if e.default else "",
-            "yes" if e.trained else "[red]NO[/]", f"{e.size / 1e6:.1f}",
-            f"[{colour}]{st.status}[/]", str(st.path or "-"))
-    console = _console()
-    console.print(table)
+        rows.append((escape(e.id), str(e.rf), ",".join(e.heads), "yes" if e.default else "",
+                     "yes" if e.trained else "[red]NO[/]", f"{e.size / 1e6:.1f}",
+                     f"[{colour}]{st.status}[/]", escape(str(st.path or "-"))))
+    titles = ("id", "RF", "heads", "default", "trained", "size (MB)", "status", "path")
+    # every column but the path as wide as its widest cell (ids and statuses are never cut or
+    # folded); the path folds, at least PATH_WIDTH wide; else one line per entry
+    widths = [max([len(t)] + [Text.from_markup(r[i]).cell_len for r in rows])
+              for i, t in enumerate(titles[:-1])] + [PATH_WIDTH]
+    if sum(widths) + 3 * len(widths) + 1 <= console.width:  # + padding and borders
+        table = Table(title="brainbag weights")
+        for column, width in zip(titles, widths, strict=True):
+            table.add_column(column, no_wrap=column != "path", overflow="fold", min_width=width)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # too narrow for the table: one line per entry
+        for r in rows:
+            console.print(f"{r[0]}: {r[6]}; RF {r[1]}, heads {r[2]}"
+                          + (", default" if r[3] else "") + f", trained {r[4]}, {r[5]} MB, "
+                          f"path {r[7]}", soft_wrap=True, highlight=False)
     console.print(f"cache: {hub.cache_dir}", soft_wrap=True, markup=False)
 
 

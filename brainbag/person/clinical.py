@@ -23,6 +23,8 @@ stored in the weights into the numbers and flags written next to every predictio
 * **flags**: chronological or predicted age outside the training age range (the gap is then an
   extrapolation), a recorded sex that the sex head strongly contradicts (a swapped or
   mislabelled file is the usual cause), a map spread outside the limits.
+* **sex note**: the milder sign, a recorded sex that the sex call (outside the undetermined
+  band) contradicts at any P(female); the strong flag above is a warning, the note is not.
 
 :func:`fit_calibration` makes the calibration from held-out rows (``brainbag crossval``);
 :func:`read_prediction` applies it to one prediction. Weights without a calibration get the raw
@@ -140,7 +142,8 @@ def fit_calibration(
 
 #: the fields of a :class:`Reading` in predictions.tsv, in the table's order
 READING_COLUMNS = ("sex_call", "age_interval_low", "age_interval_high", "chronological_age",
-                   "recorded_sex", "brain_age_gap", "brain_age_gap_corrected", "map_spread")
+                   "recorded_sex", "sex_note", "brain_age_gap", "brain_age_gap_corrected",
+                   "map_spread")
 
 
 @dataclass
@@ -154,6 +157,9 @@ class Reading:
     age_interval: tuple[float, float] | None = None
     map_spread: float | None = None
     sex_call: str | None = None
+    #: the recorded sex contradicted by the sex call (F/M), at any P(female): "recorded M, model
+    #: calls F (P(female) 0.67)"; the strong flag (a warning) needs P(female) beyond SEX_MISMATCH
+    sex_note: str | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     methods: dict[str, Any] = field(default_factory=dict)
@@ -259,6 +265,10 @@ def read_prediction(
                 f"{spread_reference(ref)} it spread {ref['p5']:.1f}-{ref['p95']:.1f} y (5th-95th "
                 "percentile): a map that disagrees with itself this much suggests a bad input "
                 "or an unfamiliar scanner; check the scan and its mask")
+    if recorded_sex is not None and r.sex_call in ("F", "M") and r.sex_call != recorded_sex:
+        assert p_female is not None
+        r.sex_note = (f"recorded {recorded_sex}, model calls {r.sex_call} "
+                      f"(P(female) {p_female:.2f})")
     if recorded_sex is not None and p_female is not None:
         below, above = (((cal.get("sex") or {}).get(k, d)) for k, d in (
             ("mismatch_recorded_female_below", SEX_MISMATCH[0]),

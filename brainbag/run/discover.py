@@ -30,9 +30,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from brainbag.errors import UsageError
+from brainbag.errors import InputError, UsageError
 from brainbag.image.io import is_image_path, strip_image_suffix, subject_name
 from brainbag.person.tables import parse_age, parse_sex
+from brainbag.run.masks import (
+    looks_like_mask,
+    mask_beside,
+    pairing_note,
+    suggest_pattern,
+    unpaired_note,
+)
 
 SourceKind = Literal["files", "folder", "bids", "list"]
 LIST_SUFFIXES = (".txt", ".list", ".lst")
@@ -122,6 +129,7 @@ class Discovery:
     items: list[ScanInput]
     root: Path | None = None  # the folder, BIDS dataset or list file given
     ignored: list[Path] = field(default_factory=list)  # files found that are not images
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. masks paired by name
 
     @property
     def batch(self) -> bool:
@@ -165,6 +173,32 @@ def mask_for(pattern: str, item: ScanInput) -> Path:
                           prefix=mask_prefix(item))
     path = Path(name).expanduser()
     return path if path.is_absolute() else image.parent / path
+
+
+def _folder_masks(found: Discovery, pattern: str | None) -> None:
+    """The masks of a folder's or dataset's scans: ``--mask-pattern``'s (the files it names are
+    no inputs), else the masks lying beside the scans, paired by name (:mod:`brainbag.run.masks`);
+    files that look like masks but pair with nothing get a note with a fitting pattern."""
+    if pattern is not None:
+        masks = {mask_for(pattern, i).resolve() for i in found.items}
+        found.items = [_with_mask(i, pattern) for i in found.items
+                       if i.path.resolve() not in masks]
+        return
+    beside: dict[Path, Path] = {}
+    for item in found.items:
+        mask = None if looks_like_mask(item.path) else mask_beside(item.path, mask_prefix(item))
+        if mask is not None:
+            beside[item.path] = mask
+    used = {m.resolve() for m in beside.values()}
+    found.items = [replace(i, mask=beside.get(i.path, i.mask)) for i in found.items
+                   if i.path.resolve() not in used]
+    if beside:
+        found.notes.append(pairing_note(list(beside.items())))
+    loose = [i.path for i in found.items if looks_like_mask(i.path)]
+    if loose:
+        scans = [(i.path, {"prefix": mask_prefix(i), "stem": strip_image_suffix(i.path.name)})
+                 for i in found.items if not looks_like_mask(i.path)]
+        found.notes.append(unpaired_note(loose, suggest_pattern(scans, loose)))
 
 
 def _with_mask(item: ScanInput, pattern: str | None) -> ScanInput:
@@ -326,6 +360,31 @@ def _check_collisions(items: Sequence[ScanInput], hint: str) -> None:
                 )
 
 
+def check_output_names(items: Sequence[ScanInput], out: Path | None) -> None:
+    """Refuse, before anything is written, an input whose subject or session name cannot name a
+    folder inside ``out``: empty, ``.`` or ``..`` (file names such as ``...nii.gz``), or a
+    location that resolves outside it."""
+    for item in items:
+        parts = item.location.folder.parts
+        name = item.location.folder.as_posix() if item.location.prefix else item.subject
+        bad = [p for p in (item.subject, item.session) if p is not None
+               and p.strip() in ("", ".", "..")]
+        bad += [p for p in parts if p.strip() in ("", ".", "..")]
+        why = ""
+        if bad or not parts or item.location.folder.is_absolute():
+            why = f"the subject or session name {bad[0] if bad else name!r}"
+        elif out is not None:
+            root = Path(out).resolve()
+            target = (Path(out) / item.location.folder).resolve()
+            if target == root or root not in target.parents:
+                why = f"the output folder {target}, outside --out"
+        if why:
+            raise UsageError(
+                f"{item.path}: its file name gives {why}, which cannot hold its results"
+                + (f" inside --out {out}" if out is not None else "")
+                + "; nothing was written: rename the file (e.g. scan01_T1w.nii.gz)")
+
+
 def discover(
     inputs: Sequence[Path],
     out: Path | None = None,
@@ -359,10 +418,8 @@ def discover(
             raise UsageError(f"--out {out} is the input folder {root} or contains it; "
                              "write the results somewhere else")
         found = discover_bids(root, out) if is_bids(root) else discover_folder(root, out)
-        if mask_pattern is not None:
-            masks = {mask_for(mask_pattern, i).resolve() for i in found.items}
-            found.items = [i for i in found.items if i.path.resolve() not in masks]
-        found.items = [_with_mask(i, mask_pattern) for i in found.items]
+        _folder_masks(found, mask_pattern)
+        check_output_names(found.items, out)
         _check_collisions(found.items, "rename one of them")
         return found
 
@@ -390,6 +447,7 @@ def discover(
             item = replace(ScanInput.single(entry.image, entry.mask),
                            demographics=entry.demographics)
             items.append(_with_mask(item, mask_pattern) if entry.mask is None else item)
+        check_output_names(items, out)
         _check_collisions(items, "predict their folder instead (it mirrors sub-folders) or "
                           "use different --out folders")
         return Discovery("list", items, root=list_file)
@@ -401,8 +459,37 @@ def discover(
             continue
         seen.add(image.resolve())
         items.append(_with_mask(ScanInput.single(image, mask), mask_pattern))
+    check_output_names(items, out)
     _check_collisions(items, "rename one or predict them into different --out folders")
     return Discovery("files", items)
+
+
+def discover_checks(inputs: Sequence[Path], mask: Path | None = None,
+                    mask_pattern: str | None = None) -> Discovery:
+    """The scans ``brainbag check`` looks at: files as given, and every image under each folder
+    (recursively, hidden files and folders skipped), with their masks as ``predict`` finds them
+    (``--mask``, ``--mask-pattern``, or masks beside the scans). A folder without images is an
+    error."""
+    check_mask_pattern(mask_pattern)
+    if mask is not None and len(inputs) > 1:
+        raise UsageError("--mask applies to one input; check one input per run with --mask")
+    if mask is not None and mask_pattern is not None:
+        raise UsageError("give --mask or --mask-pattern, not both")
+    checks = Discovery("files", [])
+    for path in map(Path, inputs):
+        if not path.is_dir():
+            checks.items.append(_with_mask(ScanInput.single(path, mask), mask_pattern))
+            continue
+        found = discover_folder(path)
+        if not found.items:
+            raise InputError(f"folder {path} holds no .nii, .nii.gz or .mgz files")
+        if mask is not None:
+            found.items = [replace(i, mask=mask) for i in found.items]
+        else:
+            _folder_masks(found, mask_pattern)
+        checks.items += found.items
+        checks.notes += found.notes
+    return checks
 
 
 def read_description(root: Path) -> dict[str, Any]:

@@ -171,12 +171,14 @@ def _resumed(
         if saved is None:
             todo.append(item)
             continue
+        # the record as the run that made it returned it: prediction.json, with the fields the
+        # table adds (the table's row holds text, not the numbers a console prints)
+        record = {**saved, "status": "ok", "path": key,
+                  "seconds": (saved.get("timings_s") or {}).get("total"),
+                  "output": item.location.relative("prediction").as_posix()}
         if row is None or row.get("status") != "ok":  # finished, but its row was not saved
-            row = tsv_record({**saved, "status": "ok", "path": key,
-                              "seconds": (saved.get("timings_s") or {}).get("total"),
-                              "output": item.location.relative("prediction").as_posix()})
-            table.put(row)
-        done[key] = {**row, "resumed": True}
+            table.put(tsv_record(record))
+        done[key] = {**record, "resumed": True}
     return todo, done
 
 

@@ -75,6 +75,12 @@ class ConsoleObserver:
         self.t0 = time.perf_counter()
         d = plan.discovery
         self.quiet = not d.batch  # one image file: its table says it all
+        if self.quiet and plan.resumed:
+            self.console.print(escape(
+                f"brainbag: {plan.resumed[0].get('subject')} was done before with the same "
+                f"input, weights and settings (--resume): its results in {plan.out} are shown, "
+                "not computed again"), soft_wrap=True, highlight=False, style="dim")
+            return
         if self.quiet and self.plain:
             return
         where = {"files": "", "folder": f" in folder {d.root}",
@@ -84,6 +90,8 @@ class ConsoleObserver:
             line += (f"; {len(plan.resumed)} done before with the same input, weights and "
                      f"settings (skipped); {self.total} to run")
         self.console.print(escape(line), soft_wrap=True, highlight=False)
+        for note in d.notes:
+            self.console.print(escape(note), soft_wrap=True, highlight=False)
         if d.ignored:
             names = ", ".join(p.name for p in d.ignored[:5])
             names += " ..." if len(d.ignored) > 5 else ""

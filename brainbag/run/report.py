@@ -150,24 +150,66 @@ def save_overlay_png(
     notes: Sequence[str] = (),
     outline_label: str | None = None,
 ) -> None:
-    """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``.
+    """Draw the three panels with the map overlaid and write a ``PNG_SIZE`` PNG to ``path``
+    (see :func:`overlay_figure`)."""
+    fig = overlay_figure(views, title, subtitle, value_range, warning, label, notes,
+                         outline_label)
+    with open(Path(path), "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI, facecolor="black")
+
+
+#: warnings on a PNG: font size (points), characters per line before wrapping, and the height of
+#: one line as a fraction of the figure; the panels shrink to leave the lines their own band
+NOTE_FONT = 8.5
+NOTE_CHARS = 150
+NOTE_LINE = 0.042
+PANELS_TOP = 0.80
+
+
+def note_lines(notes: Sequence[str]) -> list[str]:
+    """The warning lines drawn on a PNG: up to ``MAX_PNG_NOTES`` warnings shortened by
+    :func:`short_warning`, each wrapped to ``NOTE_CHARS`` characters, and a count of the rest."""
+    import textwrap
+
+    shown = [f"warning: {short_warning(n)}" for n in notes[:MAX_PNG_NOTES]]
+    if len(notes) > MAX_PNG_NOTES:
+        shown.append(f"and {len(notes) - MAX_PNG_NOTES} more warnings: see prediction.json")
+    return [line for note in shown
+            for line in textwrap.wrap(note, NOTE_CHARS, subsequent_indent="    ")]
+
+
+def overlay_figure(
+    views: list[SliceView],
+    title: str,
+    subtitle: str,
+    value_range: tuple[float, float],
+    warning: str | None = None,
+    label: str = "local predicted age (years)",
+    notes: Sequence[str] = (),
+    outline_label: str | None = None,
+) -> Any:
+    """The review figure (a matplotlib ``Figure`` on an Agg canvas, ``PNG_SIZE`` pixels).
 
     ``warning`` is drawn in red under the title (untrained weights); ``notes`` (the input's check
-    and other warnings, shortened by :func:`short_warning`) in yellow at the bottom left. Views
-    with an ``outline`` get the brain mask's outline in :data:`OUTLINE_COLOUR`, named by
-    ``outline_label`` above the panels, on the right.
+    and other warnings, shortened by :func:`short_warning` and wrapped) in yellow in a band at
+    the bottom, below the panels, which shrink to leave it free. Views with an ``outline`` get
+    the brain mask's outline in :data:`OUTLINE_COLOUR`, named by ``outline_label`` above the
+    panels, on the right.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, facecolor="black")
     FigureCanvasAgg(fig)
+    lines = note_lines(notes)
+    bottom = 0.02 + (len(lines) * NOTE_LINE + 0.01 if lines else 0.0)
+    height = PANELS_TOP - bottom
     image_values = np.concatenate([view.image[view.image > 0].ravel() for view in views])
     lo, hi = (np.percentile(image_values, [1, 99.5]) if image_values.size
               else (0.0, 1.0))
     shown = None
     for i, view in enumerate(views):
-        ax = fig.add_axes((0.01 + i * 0.305, 0.02, 0.29, 0.78))
+        ax = fig.add_axes((0.01 + i * 0.305, bottom, 0.29, height))
         ax.set_facecolor("black")
         ax.imshow(view.image.T, cmap="gray", origin="lower", extent=view.extent,
                   vmin=float(lo), vmax=float(hi), interpolation="nearest")
@@ -182,16 +224,16 @@ def save_overlay_png(
         ax.set_axis_off()
         x0, x1, y0, y1 = view.extent
         xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
-        left, right, bottom, top = view.letters
+        left, right, low, top = view.letters
         for x, y, letter, ha, va in ((x0, ym, left, "left", "center"),
                                      (x1, ym, right, "right", "center"),
-                                     (xm, y0, bottom, "center", "bottom"),
+                                     (xm, y0, low, "center", "bottom"),
                                      (xm, y1, top, "center", "top")):
             ax.text(x, y, letter, ha=ha, va=va, color="white", fontsize=11, fontweight="bold")
         ax.text(0.0, 1.0, view.name, ha="left", va="top", color="0.7", fontsize=9,
                 transform=ax.transAxes)
     if shown is not None:
-        cax = fig.add_axes((0.93, 0.08, 0.015, 0.68))
+        cax = fig.add_axes((0.93, bottom + 0.06 * height / 0.78, 0.015, height * 0.68 / 0.78))
         bar = fig.colorbar(shown, cax=cax)
         bar.set_label(label, color="white")
         bar.ax.tick_params(colors="white")
@@ -201,19 +243,14 @@ def save_overlay_png(
     if warning:
         fig.text(0.5, 0.85, warning, ha="center", va="center", color="#ff4d4d", fontsize=10,
                  fontweight="bold")
-    shown_notes = [short_warning(n) for n in notes[:MAX_PNG_NOTES]]
-    if len(notes) > MAX_PNG_NOTES:
-        shown_notes.append(f"and {len(notes) - MAX_PNG_NOTES} more warnings: see prediction.json")
-    for i, note in enumerate(reversed(shown_notes)):
-        fig.text(0.012, 0.03 + i * 0.045, f"warning: {note}", ha="left", va="bottom",
-                 color="#ffcc66", fontsize=8.5,
+    for i, line in enumerate(reversed(lines)):
+        fig.text(0.012, 0.015 + i * NOTE_LINE, line, ha="left", va="bottom", color="#ffcc66",
+                 fontsize=NOTE_FONT, gid="note",
                  bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
     if outline_label and any(view.outline is not None for view in views):
         fig.text(0.92, 0.815, outline_label, ha="right", va="bottom", color=OUTLINE_COLOUR,
                  fontsize=8.5)
-    path = Path(path)
-    with open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=DPI, facecolor="black")
+    return fig
 
 
 def _signed(value: Any) -> str:
@@ -242,6 +279,8 @@ def reading_text(row: dict[str, Any]) -> tuple[str, str]:
             gap += f" (bias-corrected {_signed(row.get('brain_age_gap_corrected'))})"
     if _present(row.get("recorded_sex")):
         gap += (" · " if gap else "") + f"recorded sex {row.get('recorded_sex')}"
+        if _present(row.get("sex_note")):
+            gap += f" (model calls {row.get('sex_call')})"
     return "   ·   ".join(parts), gap
 
 

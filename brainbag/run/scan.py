@@ -86,7 +86,7 @@ from brainbag.run.discover import (
 )
 from brainbag.run.outputs import display_range, save_nifti_atomic
 from brainbag.weights.file import LoadedWeights, WeightsMeta
-from brainbag.weights.resolve import open_weights
+from brainbag.weights.resolve import open_weights, training_statistic
 
 MapSpace = Literal["model", "input"]
 
@@ -162,6 +162,11 @@ class WeightsProvider:
         """The brain view of the weights (None without weights, or when they have none)."""
         meta = self._meta()
         return meta.view if meta is not None else None
+
+    def bias_field(self) -> dict[str, Any] | None:
+        """The bias-field statistic of the weights' training images (None when not recorded)."""
+        meta = self._meta()
+        return training_statistic(meta.training, "bias_field") if meta is not None else None
 
     def get(self) -> LoadedWeights:
         with self._lock:
@@ -363,7 +368,8 @@ class Predictor:
         s = self.settings
         return CheckOptions(mask=mask_path, resample=s.resample, mode=s.inference.mode, n4=s.n4,
                             voxel_mm=self.weights.voxel_mm(), view_xyz=self.weights.view(),
-                            strip=strip or s.strip, stripped=stripped)
+                            strip=strip or s.strip, stripped=stripped,
+                            bias_field=self.weights.bias_field())
 
     def _brain_mask(self, loaded: LoadedImage, mask_path: Path | None) -> BrainMaskChoice:
         """The input's brain mask (:func:`choose_brain_mask`, on the run's threads and device).

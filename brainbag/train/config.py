@@ -1,7 +1,8 @@
 """Training configuration as plain data: defaults, TOML recipes, flags, and the resolved file.
 
 Precedence: flags over the recipe over :class:`TrainConfig`'s defaults (which are the paper's
-hyperparameters, see ``training/recipes/camcan-paper.toml``). The resolved configuration is
+hyperparameters, see ``brainbag/train/recipes/camcan-paper.toml``). Without ``--recipe`` the
+recipe of the shipped weights (:data:`DEFAULT_RECIPE`) is used. The resolved configuration is
 written to the run folder as ``config.toml`` (flat keys; read back with :mod:`tomllib`).
 """
 
@@ -22,7 +23,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
-REPO_TRAINING = Path(__file__).resolve().parents[2] / "training"
+#: recipes (``*.toml``) and the folds and splits they name ship inside the package, in
+#: ``brainbag/train/recipes/``: found by name after any install, from any folder
+RECIPES_PACKAGE = ("brainbag.train", "recipes")
+#: the recipe of the shipped default weights (bagnet3d-rf9-ixi-open-v1): ``train`` without
+#: ``--recipe`` uses it
+DEFAULT_RECIPE = "ixi-open-v1"
 TASKS = ("age", "sex", "both")
 BEST_METRICS = ("auto", "val_loss", "val_mae", "val_accuracy", "last")
 #: the strongest intensity augmentation accepted (gamma up to exp(0.47 * 4) = 6.6 at the top)
@@ -165,8 +171,9 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-#: keys a recipe may not set: they belong to one run
-RUN_KEYS = ("data", "out", "recipe")
+#: keys a recipe may not set: they belong to one run (the data's name and licence describe the
+#: data a run is given, which the weights record from the data itself)
+RUN_KEYS = ("data", "out", "recipe", "data_name", "data_licence")
 
 
 def apply(config: TrainConfig, values: dict[str, Any], where: str) -> None:
@@ -215,24 +222,46 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid TOML: {exc}") from exc
 
 
+def shipped(*parts: str) -> Path:
+    """A file or folder shipped in ``brainbag/train/recipes/`` (recipes, folds, splits), found
+    through :mod:`importlib.resources`: in a source checkout or any installed copy."""
+    from importlib.resources import files
+
+    package, folder = RECIPES_PACKAGE
+    return Path(str(files(package).joinpath(folder, *parts)))
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped with brainbag."""
+    return sorted(p.stem for p in shipped().glob("*.toml"))
+
+
 def find_recipe(spec: str) -> Path:
-    """A recipe path: ``spec`` itself if it is a file, else ``<name>.toml`` in
-    ``./training/recipes/`` or the source checkout's ``training/recipes/``."""
+    """A recipe path: ``spec`` itself if it is a ``.toml`` path or a file, else the shipped
+    recipe of that name (``brainbag/train/recipes/<spec>.toml``)."""
     path = Path(spec).expanduser()
-    if path.suffix == ".toml" or path.is_file():
+    if path.suffix == ".toml" or path.is_file() or "/" in spec:
         if not path.is_file():
             raise UsageError(f"recipe file not found: {path}")
         return path
-    places = [Path.cwd() / "training" / "recipes", REPO_TRAINING / "recipes"]
-    for place in places:
-        candidate = place / f"{spec}.toml"
-        if candidate.is_file():
-            return candidate
-    known = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.toml")})
+    candidate = shipped(f"{spec}.toml")
+    if candidate.is_file():
+        return candidate
     raise UsageError(
-        f"unknown recipe {spec!r}; known: {', '.join(known) or 'none found'} "
+        f"unknown recipe {spec!r}; shipped: {', '.join(shipped_recipes()) or 'none found'} "
         "(or give the path of a .toml file)"
     )
+
+
+def find_folds(spec: Path) -> Path:
+    """``crossval --folds``: a path (made when it does not exist), or the name of shipped folds
+    (``ixi-5fold``: ``brainbag/train/recipes/folds/ixi-5fold.tsv``)."""
+    name = str(spec)
+    if not spec.exists() and "/" not in name and not spec.suffix:
+        candidate = shipped("folds", f"{name}.tsv")
+        if candidate.is_file():
+            return candidate
+    return spec
 
 
 def load_recipe(spec: str) -> tuple[dict[str, Any], Path]:
@@ -263,16 +292,26 @@ def resolve(
     """
     config = TrainConfig(data=data, out=out)
     explicit: set[str] = set()
-    if recipe:
-        values, path = load_recipe(recipe)
-        apply(config, values, str(path))
-        config.recipe = path.stem
+    values, path = load_recipe(recipe or DEFAULT_RECIPE)
+    apply(config, values, str(path))
+    config.recipe = path.stem
+    if recipe:  # the default recipe is not the user's choice: --resume keeps the run's own
         explicit |= set(values) | {"recipe"}
     given = {k: v for k, v in flags.items() if v is not None}
     apply(config, given, "options")
     explicit |= set(given)
     config.validate()
     return config, explicit
+
+
+def default_config() -> TrainConfig:
+    """The configuration of ``train`` without options: the defaults with
+    :data:`DEFAULT_RECIPE` applied (what ``--help`` shows as each option's default)."""
+    config = TrainConfig()
+    values, path = load_recipe(DEFAULT_RECIPE)
+    apply(config, values, str(path))
+    config.recipe = path.stem
+    return config
 
 
 def toml_value(value: Any) -> str:

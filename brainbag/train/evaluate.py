@@ -57,7 +57,13 @@ class EvaluateSettings:
     """What ``brainbag evaluate`` was asked to do."""
 
     data: Path
-    weights: tuple[Path, ...]
+    #: ``--weights``: manifest ids or weights files (Path or str), resolved as ``predict`` does;
+    #: () = the manifests' default for ``rf``
+    weights: tuple[str | Path, ...] = ()
+    rf: int | None = None
+    manifests: tuple[Path, ...] = ()
+    cache_dir: Path | None = None
+    offline: bool = False
     split: str = "all"
     split_file: Path | None = None
     out: Path = Path("brainbag-eval")
@@ -74,9 +80,18 @@ class EvaluateSettings:
     def validate(self) -> None:
         if self.split not in ("all", "train", "val", "test"):
             raise UsageError(f"--split must be all, train, val or test, got {self.split!r}")
-        if not self.weights:
-            raise UsageError("give at least one --weights file")
         self.inference.validate()
+
+    def load_weights(self) -> list[Any]:
+        """Every ``--weights`` (or the default for ``--rf``), through the resolver ``predict``
+        uses (:func:`brainbag.weights.resolve.open_weights`): verified, then loaded."""
+        from brainbag.weights.hub import HubSettings
+        from brainbag.weights.resolve import open_weights
+
+        hub = HubSettings.from_env(cache_dir=self.cache_dir, offline=self.offline)
+        specs = self.weights or (None,)
+        return [open_weights(None if s is None else str(s), self.rf, self.manifests, hub)
+                for s in specs]
 
 
 @dataclass
@@ -159,15 +174,17 @@ def sex_metrics(female: Sequence[bool], p_female: Sequence[float]) -> dict[str, 
 # --- the run -----------------------------------------------------------------------------------
 
 
-def select_records(settings: EvaluateSettings) -> tuple[DataSource, list[ImageRecord]]:
-    """The images to evaluate: all of DATA, or one split of it."""
+def select_records(settings: EvaluateSettings, first_weights: Path
+                   ) -> tuple[DataSource, list[ImageRecord]]:
+    """The images to evaluate: all of DATA, or one split of it (by ``--split-file``, else the
+    ``splits.tsv`` beside the first weights file)."""
     split_file = settings.split_file
     if settings.split != "all" and split_file is None:
-        beside = settings.weights[0].parent / "splits.tsv"
+        beside = first_weights.parent / "splits.tsv"
         if not beside.is_file():
             raise UsageError(
                 f"--split {settings.split} needs to know the split: pass --split-file (a split "
-                f"folder or a run's splits.tsv); none found beside {settings.weights[0]}")
+                f"folder or a run's splits.tsv); none found beside {first_weights}")
         split_file = beside
     if split_file is not None and not split_file.exists():
         raise InputError(f"split file not found: {split_file}")
@@ -199,20 +216,21 @@ def run_evaluate(
     from brainbag.network.inference import resolve_device
     from brainbag.person.clinical import map_spread
     from brainbag.run.scan import interpret, run_weights
-    from brainbag.weights.file import load_weights
+    from brainbag.weights.resolve import training_statistic
 
     settings.validate()
-    _, records = select_records(settings)
-    loaded = [load_weights(p) for p in settings.weights]
+    loaded = settings.load_weights()
+    _, records = select_records(settings, loaded[0].path)
     device = str(resolve_device(settings.inference.device))
     cache = settings.cache()
     notes: list[MaskNote] = []
     # the checks judge the images by the first weights file's voxel size and brain view
     checks = check_records(records, settings, loaded[0].meta.voxel_mm, loaded[0].meta.view,
-                           notes, device)
+                           notes, device,
+                           training_statistic(loaded[0].meta.training, "bias_field"))
     masks = describe_sources(notes)
     taken: set[str] = set()
-    results = [WeightsResult(w.path, _label(w.path, w.meta.id, taken), w.meta.rf,
+    results = [WeightsResult(w.path, _label(w.path, w.id, taken), w.meta.rf,
                              list(w.meta.heads), [], {}, masks) for w in loaded]
     for k, record in enumerate(records):
         if on_image is not None:
@@ -253,12 +271,13 @@ def run_evaluate(
 def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
                   voxel_mm: float = 1.0, view: tuple[int, int, int] | None = None,
                   notes: list[MaskNote] | None = None, device: str = "cpu",
-                  ) -> list[CheckReport]:
+                  bias_field: dict[str, Any] | None = None) -> list[CheckReport]:
     """Choose every image's brain mask as predict does (stripping heads into the settings'
     mask cache) and run predict's input checks with it, before any inference, so a bad image
     stops the evaluation at once (with the line predict would print) unless ``settings.force``.
     An image that cannot be read, or whose stripped mask is implausible, stops it even with
-    ``--force``. ``notes`` gets where each image's mask came from."""
+    ``--force``. ``notes`` gets where each image's mask came from; ``bias_field`` is the first
+    weights' record of their training images' bias fields."""
     from brainbag.image.checks import CheckOptions, run_checks
 
     reports = []
@@ -268,7 +287,7 @@ def check_records(records: Sequence[ImageRecord], settings: EvaluateSettings,
         if notes is not None:
             notes.append(choice.note())
         options = CheckOptions(mask=record.mask, mode=settings.inference.mode,
-                               voxel_mm=voxel_mm, view_xyz=view,
+                               voxel_mm=voxel_mm, view_xyz=view, bias_field=bias_field,
                                stripped=choice.label if choice.strip is not None else None)
         reports.append(run_checks(record.t1w, options, loaded=loaded, mask=choice.mask,
                                   head_litres=choice.head_litres))

@@ -17,8 +17,8 @@ everything the weights' numbers mean:
   not change at all.
 
 The new weights record where they started (``training.init``: id, sha256, the stages frozen)
-in their metadata and model card. See ``training/recipes/finetune-small.toml`` for a recipe for
-small local data, and the README's "Use on your own scanner" for when to fine-tune.
+in their metadata and model card. See ``brainbag/train/recipes/finetune-small.toml`` for a
+recipe for small local data, and the README's "Use on your own scanner" for when to fine-tune.
 """
 
 from __future__ import annotations

@@ -103,3 +103,21 @@ def patients_sentence(datasets: Sequence[dict[str, Any]]) -> str:
         return f"**Patients were in the training data**: {listed} subjects{tail}."
     controls = sum(n for d in grouped for n in d["groups"].values())
     return f"No patients: the {controls} grouped training subjects are all controls{tail}."
+
+
+def datasets_line(datasets: Sequence[dict[str, Any]]) -> str:
+    """The data trained on in one line, from :func:`describe_datasets`: "ixi: 10 images of 10
+    subjects, ages 23-74, 6 F / 4 M images, sites HH 8, Guys 2" (one part per data set, sites
+    counted in subjects)."""
+    parts = []
+    for d in datasets:
+        text = f"{d['name']}: {d['images']} images of {d['subjects']} subjects"
+        if d.get("age_range"):
+            lo, hi = d["age_range"]
+            text += f", ages {lo:.0f}-{hi:.0f}"
+        sexes = d.get("sexes") or {}
+        text += f", {sexes.get('F', 0)} F / {sexes.get('M', 0)} M images"
+        if d.get("sites"):
+            text += ", sites " + ", ".join(f"{k} {v}" for k, v in d["sites"].items())
+        parts.append(text)
+    return "; ".join(parts) or "no images"

@@ -205,12 +205,18 @@ def draw_views(
 
 
 def jitter_intensity(x: torch.Tensor, masks: torch.Tensor, amount: float,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, mine: Sequence[int] | None = None,
+                     batch: int | None = None) -> torch.Tensor:
     """In place: scale each sample's brain voxels (``masks`` > 0, ``(B, X, Y, Z)``) by a random
-    factor in ``[1 - amount, 1 + amount]``; other voxels are multiplied by exactly 1."""
+    factor in ``[1 - amount, 1 + amount]``; other voxels are multiplied by exactly 1.
+
+    Under DDP ``x`` holds this rank's samples ``mine`` of a ``batch``: the factors are drawn for
+    the whole batch on every rank (as the views are), so the generator stays in step across
+    ranks and a sample gets the factor it gets in a single-process run."""
     if amount <= 0:
         return x
-    factors = 1 + amount * (2 * torch.rand(x.shape[0], generator=generator) - 1)
+    drawn = 1 + amount * (2 * torch.rand(batch or x.shape[0], generator=generator) - 1)
+    factors = drawn[list(mine)] if mine is not None else drawn
     brain = masks.to(x.device)[:, None] > 0
     return x.mul_(torch.where(brain, factors.to(x.device, x.dtype).view(-1, 1, 1, 1, 1), 1.0))
 
@@ -277,8 +283,8 @@ def loss_text(c: TrainConfig) -> str:
 
 def augmentation_text(c: TrainConfig) -> str:
     """What was done to the training views, in words (metadata and model card)."""
-    parts = ["random crops" if c.view == "crop" else
-             f"whole-brain view, shifted by up to {c.view_jitter} voxels"]
+    parts = ["random crops" if c.view == "crop" else "whole-brain view" + (
+        f", shifted by up to {c.view_jitter} voxels" if c.view_jitter else "")]
     if c.flip:
         parts.append("left-right flips")
     if c.intensity_jitter > 0:

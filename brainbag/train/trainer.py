@@ -64,7 +64,7 @@ from brainbag.train.datasets import (
 )
 from brainbag.train.distributed import StopFlag, init_distributed
 from brainbag.train.init import adopt, age_range_with, open_init, prepare
-from brainbag.train.provenance import describe_datasets, patients_sentence
+from brainbag.train.provenance import datasets_line, describe_datasets, patients_sentence
 from brainbag.train.record import (
     CHECKPOINT_FORMAT,
     QuietReporter,
@@ -72,6 +72,7 @@ from brainbag.train.record import (
     resume_message,
     write_metrics,
 )
+from brainbag.train.statistics import training_statistics
 from brainbag.train.steps import (
     LossSpec,
     PooledNet,
@@ -303,6 +304,8 @@ class Trainer:
     _init: dict[str, Any] | None = None
     #: the model being trained (set before the first step)
     model: BagNet3D | None = None
+    #: what the training images looked like (``training.statistics``), measured once per run
+    _statistics: dict[str, Any] = {}
 
     def _save(self, state: dict[str, Any], best: bool) -> None:
         """Write ``last.ckpt`` (and, for a best epoch, ``best.ckpt`` first): the checkpoint that
@@ -431,7 +434,8 @@ class Trainer:
             age_scaling=scaling,
             preprocessing=preprocessing,
             training={
-                "data": c.data_name or source.name,
+                # the data actually used, counted from its images (never a recipe's text)
+                "data": c.data_name or datasets_line(datasets),
                 "licence": c.data_licence or source.licence or "not stated (set --data-licence)",
                 "data_path": str(c.data),
                 "layout": source.layout,
@@ -446,6 +450,7 @@ class Trainer:
                 "age_range": age_range_with(ages, self._init),
                 "init": self._init,
                 "sexes": {s: sum(r.sex == s for r in train.records) for s in ("F", "M")},
+                "statistics": self._statistics,
                 "loss": loss_text(c),
                 "local_weight": c.local_weight,
                 "augment": c.augment,
@@ -541,6 +546,11 @@ class Trainer:
             f"data: {source.name} ({source.layout}); images train {counts['train']}, val "
             f"{counts['val']}, test {counts['test']}; split: {source.split_source}")
         self._load([train, val])
+        if self.dist.main:
+            self._statistics = training_statistics(train.records, c.workers,
+                                                   report=self.reporter.message,
+                                                   cache=self.mask_cache(),
+                                                   device=str(self.device))
 
         model = self._model()
         started = prepare(model, init, c)  # the weights' parameters; frozen stages (resume too)
@@ -668,7 +678,7 @@ class Trainer:
                 if (c.pooling == "brain" or c.intensity_jitter > 0 or c.augment > 0
                         or c.local_weight > 0):
                     masks = make_masks(volumes, idx, my_views, c.crop)
-                    x = jitter_intensity(x, masks, c.intensity_jitter, gen)
+                    x = jitter_intensity(x, masks, c.intensity_jitter, gen, mine, len(batch))
                     if c.augment > 0:
                         x = augment_views(x, masks, volumes, batch, mine, gen, c.augment,
                                           self.channels_last)

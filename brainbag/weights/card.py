@@ -7,8 +7,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from brainbag.image.bias import training_range
 from brainbag.image.io import sha256_file
 from brainbag.weights.file import SUFFIX, WeightsMeta, read_meta
+
+
+def rf_text(meta: WeightsMeta) -> str:
+    """The receptive field as the card states it: "9 voxels = 18 mm at the network's 2 mm
+    voxels" (the metadata's ``rf`` is in voxels; ``rf_mm`` is that at ``voxel_mm``)."""
+    return f"{meta.rf} voxels = {meta.rf_mm:g} mm at the network's {meta.voxel_mm:g} mm voxels"
+
+
+def _bias_text(training: dict[str, Any]) -> str:
+    bias = (training.get("statistics") or {}).get("bias_field")
+    if not bias:
+        return "not measured (no usable brain masks)"
+    low, high = training_range(bias)
+    return (f"{100 * low:.1f}-{100 * high:.1f} % over {bias['n']} images (5th-95th percentile "
+            f"{100 * bias['p5']:.1f}-{100 * bias['p95']:.1f} %, median {100 * bias['p50']:.1f} "
+            "%); `brainbag check` judges new scans against this range")
 
 
 def model_card(meta: WeightsMeta) -> str:
@@ -31,16 +48,18 @@ def model_card(meta: WeightsMeta) -> str:
 *Written by brainbag {meta.code_version}. A stub: complete the sections marked TODO.*
 
 ## Model
-- Architecture: BagNet-3D (half-width 3D ResNet-50 body), receptive field {meta.rf} mm,
+- Architecture: BagNet-3D (half-width 3D ResNet-50 body), receptive field {rf_text(meta)},
   padding {meta.arch_kwargs.get('padding')}, width {meta.arch_kwargs.get('width')}
 - Heads: {', '.join(meta.heads)}; task `{t.get('task')}`; loss {t.get('loss')}
 - Age target scaling: {meta.age_scaling}
 
 ## Training data
-- Data: {t.get('data')} (layout {t.get('layout')}), licence: {t.get('licence')}
+- Data: {t.get('data')}; licence: {t.get('licence')}
+- Read from: {t.get('data_path')} (layout {t.get('layout')})
 {datasets_text(t.get('datasets') or [])}
 - Split: {t.get('split')}
 - Images: {t.get('images')}; subjects: {t.get('subjects')}
+- Bias field of the training images: {_bias_text(t)}
 - Recipe: {t.get('recipe')}; epochs trained: {t.get('epochs')} of {t.get('epochs_planned')};
   seed {t.get('seed')}; precision {t.get('precision')}
 - Start: {start}
@@ -283,7 +302,7 @@ BagNet-3D, receptive field {meta.rf} voxels = **{meta.rf_mm:g} mm** at the netwo
 {meta.arch_kwargs.get('width')}, heads {', '.join(meta.heads)}; global prediction pooled over
 {'the brain (masked pooling)' if meta.pooling == 'brain' else 'all map cells'}.
 Trained with brainbag {meta.code_version} by `{command}` (recipe {t.get('recipe')},
-{t.get('epochs')} epochs, seed {t.get('seed')}, {t.get('precision')}).
+epochs: {t.get('epochs')}, seed {t.get('seed')}, {t.get('precision')}).
 Loss: {t.get('loss')}. Training views: {t.get('augmentation', 'not recorded')}.
 
 ## What it was trained on
@@ -294,7 +313,8 @@ Loss: {t.get('loss')}. Training views: {t.get('augmentation', 'not recorded')}.
 All together {(t.get('images') or {}).get('train')} images of
 {(t.get('subjects') or {}).get('train')} subjects, ages {_f(ages[0], '.1f')}-{_f(ages[1], '.1f')}
 years. Preprocessing as `brainbag predict` does it: RAS+, skull-stripped (mask), resampled to
-{meta.voxel_mm:g} mm, whitened within the brain{view_text}.
+{meta.voxel_mm:g} mm, whitened within the brain{view_text}. Bias fields of the training images:
+{_bias_text(t)}.
 
 ## How well it predicts (cross-validated)
 

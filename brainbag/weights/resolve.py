@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from brainbag import __version__
 from brainbag.errors import UsageError, WeightsError
@@ -113,6 +114,8 @@ class InputExpectations:
     voxel_mm: float = 1.0
     view_xyz: tuple[int, int, int] | None = None
     weights_id: str | None = None
+    #: the bias-field statistic of the training images (``training.statistics.bias_field``)
+    bias_field: dict[str, Any] | None = None
 
 
 def input_expectations(
@@ -123,7 +126,8 @@ def input_expectations(
     """
     if spec is not None and is_weights_path(spec):
         meta = read_meta(Path(spec).expanduser())
-        return InputExpectations(meta.voxel_mm, meta.view, meta.id)
+        return InputExpectations(meta.voxel_mm, meta.view, meta.id,
+                                 training_statistic(meta.training, "bias_field"))
     entry = manifest_entry(spec, rf, manifests)
     if entry is None:
         return InputExpectations()
@@ -131,7 +135,14 @@ def input_expectations(
     view = pre.get("view_xyz")
     return InputExpectations(float(pre.get("voxel_mm", 1.0)),
                              tuple(int(v) for v in view) if view else None,  # type: ignore[arg-type]
-                             entry.id)
+                             entry.id, training_statistic(entry.training or {}, "bias_field"))
+
+
+def training_statistic(training: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """``training.statistics.<name>`` of weights metadata or a manifest entry (None when the
+    weights do not record it)."""
+    value = (training.get("statistics") or {}).get(name)
+    return value if isinstance(value, dict) else None
 
 
 def open_weights(
