@@ -29,11 +29,11 @@ def _readme_command(marker: str) -> str:
     return "\n".join(lines[start + 2:end])
 
 
-def test_ci_runs_the_demo_before_the_tests_and_again_after() -> None:
+def test_ci_runs_the_demo_and_the_tests_twice_each_in_turn() -> None:
     result = subprocess.run(["bash", str(REPO / ".ci" / "run"), "--print"], capture_output=True,
                             text=True, check=True)
     demo, tests = _readme_command("demo-command"), _readme_command("test-command")
-    assert result.stdout.splitlines() == [demo, tests, demo]
+    assert result.stdout.splitlines() == [demo, tests, demo, tests]
     assert "pip install" in demo and "pytest" in tests
 
 
