@@ -41,7 +41,7 @@ from brainbag.image.preprocess import conform, load_mask
 from brainbag.network.inference import InferenceSettings
 from brainbag.run.scan import interpret, run_weights
 from brainbag.weights.file import LoadedWeights
-from brainbag.weights.resolve import open_weights
+from brainbag.weights.resolve import open_weights, training_statistic
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "check_verdicts.json"
@@ -153,8 +153,9 @@ def _round(value: Any) -> Any:
 def measure(case: Case, weights: LoadedWeights) -> dict[str, Any]:
     """Verdicts, prediction and check statistics for one input."""
     meta = weights.meta
+    fields = training_statistic(meta.training, "bias_field")  # judged as predict judges
     shipped = CheckOptions(mask=case.mask, voxel_mm=meta.voxel_mm, view_xyz=meta.view,
-                           mode="auto", strip="never")
+                           mode="auto", strip="never", bias_field=fields)
     report = run_checks(case.path, shipped)
     checks = {"shipped": _statuses(report),
               "default": _statuses(run_checks(case.path, CheckOptions(mask=case.mask,
@@ -162,7 +163,7 @@ def measure(case: Case, weights: LoadedWeights) -> dict[str, Any]:
                                               names=OPTION_DEPENDENT))}
     if case.n4:
         n4 = CheckOptions(mask=case.mask, n4=True, voxel_mm=meta.voxel_mm, view_xyz=meta.view,
-                          mode="auto", strip="never")
+                          mode="auto", strip="never", bias_field=fields)
         checks["n4"] = _statuses(run_checks(case.path, n4, names=("bias_field",)))
     wanted = {"skull_stripped": ("object_litres",), "brain_mask": ("litres",
               "main_component_fraction"), "anatomy": ("skewness_xyz",),
