@@ -311,14 +311,16 @@ def test_field_of_view_equal_to_the_crop_is_not_larger(tmp_path: Path, monkeypat
     unrounded extent was 160.4 x 128.3 mm). Compared as shown, it fits the 160x160x128 crop."""
     import brainbag.image.checks as checks
 
-    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (127.2, 160.4, 128.3))
-    monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
+    monkeypatch.setattr(checks, "brain_extent_mm",
+                        lambda mask, affine, box=None: (127.2, 160.4, 128.3))
+    monkeypatch.setattr(checks, "border_contact", lambda mask, affine, box=None: {})
     path = _scan(tmp_path, "in.nii.gz")
     for mode in ("sliding", "full"):
         result = _run(path, mode=mode, names=("field_of_view",)).get("field_of_view")
         assert result.status == "pass", (mode, result.found)
         assert result.found == "brain 127x160x128 mm, within one crop"
-    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (127.2, 161.0, 128.3))
+    monkeypatch.setattr(checks, "brain_extent_mm",
+                        lambda mask, affine, box=None: (127.2, 161.0, 128.3))
     result = _run(path, mode="full", names=("field_of_view",)).get("field_of_view")
     assert result.status == "warn" and "larger than the crop along y" in result.found
 
@@ -399,14 +401,16 @@ def test_field_of_view_against_the_weights_brain_view(tmp_path: Path, monkeypatc
     brain at once: no "crop" or "--mode sliding" advice, which would be wrong for them."""
     import brainbag.image.checks as checks
 
-    monkeypatch.setattr(checks, "border_contact", lambda mask, affine: {})
+    monkeypatch.setattr(checks, "border_contact", lambda mask, affine, box=None: {})
     path = _scan(tmp_path, "in.nii.gz")
     view = {"voxel_mm": 2.0, "view_xyz": (80, 96, 80), "names": ("field_of_view",)}
-    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (140.0, 180.2, 150.0))
+    monkeypatch.setattr(checks, "brain_extent_mm",
+                        lambda mask, affine, box=None: (140.0, 180.2, 150.0))
     inside = _run(path, **view).get("field_of_view")
     assert inside.status == "pass"
     assert inside.found == "brain 140x180x150 mm, within the weights' 160x192x160 mm view"
-    monkeypatch.setattr(checks, "brain_extent_mm", lambda mask, affine: (140.0, 200.0, 150.0))
+    monkeypatch.setattr(checks, "brain_extent_mm",
+                        lambda mask, affine, box=None: (140.0, 200.0, 150.0))
     larger = _run(path, **view).get("field_of_view")
     assert larger.status == "warn" and "larger than the weights' 160x192x160 mm view along y" \
         in larger.found and "check the mask" in larger.hint

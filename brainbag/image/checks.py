@@ -27,6 +27,7 @@ from brainbag.image.io import (
     MAX_VOXELS,
     LoadedImage,
     axis_codes,
+    bounding_box,
     check_affine,
     check_data_size,
     check_pixdim,
@@ -36,12 +37,17 @@ from brainbag.image.io import (
     read_header,
 )
 from brainbag.image.statistics import (
+    Box,
+    ValueRange,
     border_contact,
     brain_extent_mm,
     component_fractions,
+    crop_to_box,
+    distinct_at_least,
     head_object_litres,
     obliquity_degrees,
     skewness_along_world,
+    value_range,
 )
 from brainbag.image.strip import INSTALL_HINT, deepbet_available
 
@@ -179,7 +185,9 @@ class BrainMask:
 
 
 class CheckContext:
-    """The inputs of the checks, computed lazily and once: header, data, brain mask, statistics.
+    """The inputs of the checks, computed lazily and once: header, data, the values' range, the
+    brain mask and its bounding box, the head object. What several checks share is computed
+    here once; a check that looks at the brain reads the mask cut to its bounding box.
 
     ``loaded`` and ``mask`` let ``predict`` pass what it has already read.
     """
@@ -267,10 +275,24 @@ class CheckContext:
             source = (f"--mask {self.options.mask.name}" if self.options.mask else
                       f"{self.options.stripped} (skull stripping)" if self.options.stripped
                       else "--mask")
-            return BrainMask(mask, source, float(mask.sum()) * voxel_l, True)
+            return BrainMask(mask, source, float(np.count_nonzero(mask)) * voxel_l, True)
         data = loaded.image.data
-        mask = np.isfinite(data) & (data > 0)
-        return BrainMask(mask, "voxels > 0", float(mask.sum()) * voxel_l, False)
+        # NaN > 0 is False; only +inf needs the finite test
+        mask = (data > 0) if self.value_range().finite else (np.isfinite(data) & (data > 0))
+        return BrainMask(mask, "voxels > 0", float(np.count_nonzero(mask)) * voxel_l, False)
+
+    def value_range(self) -> ValueRange:
+        """Non-finite voxels and the finite range of the data."""
+        return self._cached("range", lambda: value_range(self.loaded().image.data),  # type: ignore[no-any-return]
+                            "image not loaded")
+
+    def brain_box(self) -> Box | None:
+        """Bounding box of the brain mask (None when it is empty)."""
+        return self._cached("box", lambda: bounding_box(self.brain().mask), "no brain mask")  # type: ignore[no-any-return]
+
+    def brain_crop(self) -> tuple[np.ndarray, np.ndarray]:
+        """The brain mask cut to its bounding box (a view) and the box's first voxel."""
+        return crop_to_box(self.brain().mask, self.brain_box())
 
     def head_litres(self) -> float:
         """Volume of the largest non-background object (holes filled), in litres."""
@@ -278,7 +300,8 @@ class CheckContext:
 
     def _head_litres(self) -> float:
         loaded = self.loaded()
-        return head_object_litres(loaded.image.data, loaded.zooms)
+        return head_object_litres(loaded.image.data, loaded.zooms,
+                                  finite=self.value_range().finite)
 
     def usable_brain(self) -> BrainMask:
         """The brain mask, or :class:`Skip` when it cannot stand for the brain."""
@@ -406,18 +429,18 @@ def check_values(ctx: CheckContext) -> CheckResult:
     """The voxel data reads to its end (gzip CRC included); finite values, not constant."""
     expected = "voxel data that reads to the end, finite values that vary"
     try:
-        data = ctx.loaded().image.data
+        found = ctx.value_range()
     except Skip:
         if not ctx.read_failed():
             raise
         return CheckResult("values", "fail", ctx._errors["loaded"], expected,
                            "copy or export the scan again")
-    bad = int((~np.isfinite(data)).sum())
+    bad = found.non_finite
     if bad:
         return CheckResult("values", "fail", f"{bad:,} NaN or infinite voxels", expected,
                            "replace them (e.g. fslmaths in -nan out) and check how the file was "
                            "made", {"non_finite": bad})
-    lo, hi = float(data.min()), float(data.max())
+    lo, hi = found.lo, found.hi
     if hi <= lo:
         return CheckResult("values", "fail", f"every voxel is {lo:g}", expected,
                            "this image holds no anatomy: check the file")
@@ -430,20 +453,25 @@ def check_intensity(ctx: CheckContext) -> CheckResult:
     data = loaded.image.data
     expected = (f"a magnitude image: >= {MIN_DISTINCT_VALUES} distinct values, no negative "
                 "values (any scale: brainbag whitens within the brain)")
-    finite = data[np.isfinite(data)]
-    if finite.size == 0:
+    rng = ctx.value_range()
+    if rng.non_finite == data.size:
         raise Skip("no finite values")
-    lo, hi = float(finite.min()), float(finite.max())
+    finite = data.ravel() if rng.finite else data[np.isfinite(data)]
+    lo, hi = rng.lo, rng.hi
     found = f"{loaded.dtype}, {lo:.4g} to {hi:.4g}"
+    # distinct values among up to 2 M voxels: a lower bound unless fewer than the minimum
     sample = finite[:: max(1, finite.size // 2_000_000)]
-    distinct = int(np.unique(sample).size)
+    distinct = distinct_at_least(sample, MIN_DISTINCT_VALUES)
     values = {"min": lo, "max": hi, "dtype": loaded.dtype, "distinct_values": distinct}
     if distinct < MIN_DISTINCT_VALUES:
         return CheckResult("intensity", "fail", f"{found}: only {distinct} distinct values",
                            expected, "this looks like a mask or label map, not a T1: pass the "
                            "T1 image (and the mask with --mask)", values)
-    nonzero = finite[finite != 0]
-    negative = float((nonzero < -0.01 * max(abs(hi), 1e-12)).mean()) if nonzero.size else 0.0
+    threshold = -0.01 * max(abs(hi), 1e-12)
+    negative = 0.0
+    if lo < threshold:  # else no voxel is below it: no pass over the data
+        nonzero = int(np.count_nonzero(finite))
+        negative = int(np.count_nonzero(finite < threshold)) / nonzero if nonzero else 0.0
     values["negative_fraction"] = negative
     if negative > 0.01:
         return CheckResult("intensity", "warn", f"{found}: {100 * negative:.0f} % of the "
@@ -556,7 +584,7 @@ def check_brain_mask(ctx: CheckContext) -> CheckResult:
     if not wlo <= brain.litres <= whi:
         return CheckResult("brain_mask", "fail", f"{found}, not a brain volume", expected, fix,
                            values)
-    pieces, main = component_fractions(brain.mask)
+    pieces, main = component_fractions(ctx.brain_crop()[0])
     values.update(components=pieces, main_component_fraction=main)
     if main < MAIN_COMPONENT_WARN:
         return CheckResult("brain_mask", "fail", f"{found} in {pieces} pieces, the largest "
@@ -578,8 +606,9 @@ def check_brain_mask(ctx: CheckContext) -> CheckResult:
 
 def check_anatomy(ctx: CheckContext) -> CheckResult:
     """The brain's shape agrees with the header's anterior-posterior axis."""
-    brain = ctx.usable_brain()
-    skew = skewness_along_world(brain.mask, ctx.loaded().image.affine)
+    ctx.usable_brain()  # skips when the mask cannot stand for the brain
+    crop, start = ctx.brain_crop()
+    skew = skewness_along_world(crop, ctx.loaded().image.affine, start=start)
     expected = (f"brain broader at the back than at the front along the header's A-P axis "
                 f"(skewness >= {MIN_AP_SKEWNESS:g})")
     values = {"skewness_xyz": [round(float(s), 3) for s in skew]}
@@ -602,8 +631,9 @@ def check_field_of_view(ctx: CheckContext) -> CheckResult:
     """The whole brain is in the image; compare it with the training crop."""
     brain = ctx.usable_brain()
     affine = ctx.loaded().image.affine
-    extent = brain_extent_mm(brain.mask, affine)
-    contact = border_contact(brain.mask, affine)
+    bounds = ctx.brain_box()
+    extent = brain_extent_mm(brain.mask, affine, bounds)
+    contact = border_contact(brain.mask, affine, bounds)
     cut = [f"{side} ({area:.0f} cm^2)" for side, area in contact.items()
            if area > (INFERIOR_BORDER_CM2 if side == "inferior" else BORDER_CM2)]
     view = ctx.options.view_xyz
@@ -649,11 +679,12 @@ def check_bias_field(ctx: CheckContext) -> CheckResult:
 
     brain = ctx.usable_brain()
     loaded = ctx.loaded()
-    estimate = estimate_bias(loaded.image.data, brain.mask, loaded.zooms)
+    estimate = estimate_bias(loaded.image.data, brain.mask, loaded.zooms, box=ctx.brain_box())
 
     def after_n4() -> tuple[float, float]:
         ctx.n4 = n4_correct(loaded.image.data, brain.mask, loaded.zooms)
-        return estimate_bias(ctx.n4.data, brain.mask, loaded.zooms).range, ctx.n4.seconds
+        return estimate_bias(ctx.n4.data, brain.mask, loaded.zooms,
+                             box=ctx.brain_box()).range, ctx.n4.seconds
 
     verdict = judge(estimate.range, ctx.options.bias_field, after_n4, ctx.options.n4)
     if not ctx.options.n4:
@@ -673,7 +704,8 @@ def measure_bias_field(path: Path, mask: Path | None = None, loaded: LoadedImage
     try:
         usable = ctx.usable_brain()
         image = ctx.loaded()
-        return estimate_bias(image.image.data, usable.mask, image.zooms).range
+        return estimate_bias(image.image.data, usable.mask, image.zooms,
+                             box=ctx.brain_box()).range
     except (Skip, InputError):
         return None
 

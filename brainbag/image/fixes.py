@@ -107,6 +107,65 @@ def _fit_n4(
     return n4, full, small, _from_sitk(small_mask) > 0, factors
 
 
+def _shrink_plan(shape: tuple[int, ...], zooms: tuple[float, float, float],
+                 factors: tuple[int, int, int]) -> tuple[tuple[slice, ...], list[float]]:
+    """Which voxels ``sitk.Shrink`` keeps of an image of ``shape`` and ``zooms`` (origin 0, as
+    :func:`_to_sitk` makes it), as slices of the ``(i, j, k)`` array, and the shrunk image's
+    origin. Asked of SimpleITK itself, on one line of voxel indices per axis (its choice of the
+    first voxel rounds a centred position), so that a strided view of the array equals its
+    output without copying the whole image into SimpleITK."""
+    import SimpleITK as sitk
+
+    slices, origin = [], []
+    for n, z, f in zip(shape, zooms, factors, strict=True):
+        probe = sitk.GetImageFromArray(np.arange(n, dtype=np.float32).reshape(1, 1, n))
+        probe.SetSpacing([float(z), 1.0, 1.0])
+        line = sitk.Shrink(probe, [int(f), 1, 1])
+        first = int(sitk.GetArrayFromImage(line).ravel()[0])
+        size = line.GetSize()[0]
+        slices.append(slice(first, first + f * (size - 1) + 1, f))
+        origin.append(float(line.GetOrigin()[0]))
+    return tuple(slices), origin
+
+
+def _fit_n4_shrunk(
+    data: np.ndarray, mask: np.ndarray, zooms: tuple[float, float, float], shrink_mm: float,
+    iterations: tuple[int, ...], box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Any, Any, np.ndarray]:
+    """:func:`_fit_n4` for an estimate: N4 gets the same shrunk image and mask, taken as strided
+    views of the arrays (only the shrunk voxels are read); the full-resolution image is never
+    built. ``box``: the mask's bounding box, when known (the voxel count is taken within it).
+    Returns (filter, shrunk image, shrunk brain)."""
+    import SimpleITK as sitk
+
+    from brainbag.image.io import bounding_box
+
+    mask = np.asarray(mask, dtype=bool)
+    box = bounding_box(mask) if box is None else box
+    count = 0
+    if box is not None:
+        inner = tuple(slice(int(a), int(b)) for a, b in zip(*box, strict=True))
+        values = data[inner]
+        count = int(np.count_nonzero(mask[inner] & np.isfinite(values) & (values > 0)))
+    if count < 100:
+        raise InputError("N4 needs a brain mask with positive intensities: fewer than 100 "
+                         "brain voxels are > 0")
+    factors = _shrink_factors(zooms, shrink_mm, data.shape)
+    kept, origin = _shrink_plan(data.shape, zooms, factors)
+    values = data[kept]
+    brain = mask[kept] & np.isfinite(values) & (values > 0)
+    spacing = tuple(float(z) * f for z, f in zip(zooms, factors, strict=True))
+    small = _to_sitk(np.where(np.isfinite(values), values, 0).astype(np.float32),
+                     (spacing[0], spacing[1], spacing[2]))
+    small_mask = _to_sitk(brain.astype(np.uint8), (spacing[0], spacing[1], spacing[2]))
+    for image in (small, small_mask):
+        image.SetOrigin(origin)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    n4.Execute(small, small_mask)
+    return n4, small, brain
+
+
 def _field_range(log_field: np.ndarray, brain: np.ndarray) -> float:
     values = log_field[brain]
     if values.size == 0:
@@ -118,14 +177,16 @@ def _field_range(log_field: np.ndarray, brain: np.ndarray) -> float:
 def estimate_bias(
     data: np.ndarray, mask: np.ndarray, zooms: tuple[float, float, float],
     shrink_mm: float = ESTIMATE_SHRINK_MM, iterations: tuple[int, ...] = ESTIMATE_ITERATIONS,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BiasEstimate:
     """Estimate the bias field's variation across the brain with a coarse, quick N4 fit.
 
     The statistic is ``exp(p95 - p5) - 1`` of N4's log field over brain voxels: the ratio between
-    the field's high and low values, ignoring the extreme 5 % at each end.
+    the field's high and low values, ignoring the extreme 5 % at each end. ``box``: the mask's
+    bounding box, when the caller has it.
     """
     t0 = time.perf_counter()
-    n4, _full, small, small_brain, _ = _fit_n4(data, mask, zooms, shrink_mm, iterations)
+    n4, small, small_brain = _fit_n4_shrunk(data, mask, zooms, shrink_mm, iterations, box)
     log_field = _from_sitk(n4.GetLogBiasFieldAsImage(small))
     spacing = tuple(float(s) for s in small.GetSpacing())
     return BiasEstimate(
