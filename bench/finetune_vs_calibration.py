@@ -54,7 +54,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -81,22 +80,15 @@ METRICS = ("mean_abs_gap", "bias", "mae")
 BASE_COLUMNS = ("participant_id", "group", "age", "predicted_age", "weights_sha256")
 
 sys.path.insert(0, str(BENCH))
+import strip_speed  # noqa: E402
 from calibration_n import CONTROL_GROUPS, _gap_figures  # noqa: E402
 
 
 def machine(device: str) -> str:
+    """strip_speed's machine line (CPU model, CPUs, torch), with this run's threads and GPU."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    text = f"{strip_speed.machine()}, {torch.get_num_threads()} threads"
     if device == "cuda":
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text
