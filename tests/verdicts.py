@@ -36,9 +36,10 @@ from phantom import head, world_bias
 
 from brainbag.errors import BrainbagError
 from brainbag.image.checks import CheckOptions, CheckReport, run_checks
-from brainbag.image.io import is_image_path, load_image
+from brainbag.image.io import load_image
 from brainbag.image.preprocess import conform, load_mask
 from brainbag.network.inference import InferenceSettings
+from brainbag.run.discover import discover_folder
 from brainbag.run.scan import interpret, run_weights
 from brainbag.weights.file import LoadedWeights
 from brainbag.weights.resolve import open_weights, training_statistic
@@ -89,9 +90,7 @@ def synthetic_cases(tmp: Path) -> dict[str, Case]:
     corpus.mkdir()
     for name, args in build_corpus(corpus).items():
         if name == "mixed batch":
-            folder = Path(args[0])
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()
-                               and is_image_path(p)):
+            for path in (item.path for item in discover_folder(Path(args[0])).items):
                 cases[f"corpus/{name}/{path.name}"] = Case(path)
         else:
             cases[f"corpus/{name}"] = Case(Path(args[0]), Path(args[2]) if len(args) > 2
